@@ -1,0 +1,175 @@
+"""Typed schemas for every config group: the one place where keys, types and allowed values live.
+
+The Hydra CLI registers these dataclasses in its ConfigStore so that a misspelled
+key or a wrong type fails at composition; the Python API validates plain dicts
+against the same dataclasses with :func:`from_dict`. Nothing here imports Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from .errors import TabTuneError
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Scheduler(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TaskKind(str, Enum):
+    auto = "auto"
+    classification = "classification"
+    regression = "regression"
+
+
+class StrategyName(str, Enum):
+    inference = "inference"
+    base_ft = "base-ft"
+    peft = "peft"
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is tuned; the keys are the Python API's ``tuning_params``."""
+
+    name: StrategyName = StrategyName.inference
+    epochs: int = 5
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    optimizer: Optimizer = Optimizer.adamw
+    weight_decay: float = 0.0
+    scheduler: Scheduler = Scheduler.cosine
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    early_stopping_patience: Optional[int] = 3
+    context_size: int = 512
+    query_size: int = 128
+    show_progress: bool = True
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters, passed to Hugging Face ``peft.LoraConfig``."""
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    # null: the model adapter's defaults; else module-name prefixes to reach
+    target_modules: Optional[List[str]] = None
+    bias: str = "none"
+    # extra modules trained in full and saved beside the adapters (e.g. the head)
+    modules_to_save: Optional[List[str]] = None
+
+
+@dataclass
+class ModelConfig:
+    """Keys every model shares; an adapter may subclass this with its own."""
+
+    name: str = "tabicl"
+    checkpoint: Optional[str] = None
+    pretrained: bool = True
+    size: str = "tiny"
+    allow_download: bool = False
+    n_estimators: int = 4
+    max_context_rows: int = 2048
+    softmax_temperature: float = 0.9
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "custom"
+    builtin: Optional[str] = None
+    path: Optional[str] = None
+    target: Optional[str] = None
+    test_path: Optional[str] = None
+    task: TaskKind = TaskKind.auto
+    test_size: float = 0.2
+    val_size: float = 0.1
+    drop_columns: List[str] = field(default_factory=list)
+    # subsample the table before splitting (null: every row); used by smoke runs
+    max_rows: Optional[int] = None
+
+
+def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    kind = options[0]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise TabTuneError(f"{where}.{name}: a value is required, got null")
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        try:
+            return kind(value.value if isinstance(value, Enum) else value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in kind)
+            raise TabTuneError(f"{where}.{name}: {value!r} is not one of: {allowed}") from None
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise TabTuneError(f"{where}.{name}: expected {kind.__name__}, got {value!r}")
+        return kind(value)
+    if kind is bool and not isinstance(value, bool):
+        raise TabTuneError(f"{where}.{name}: expected true or false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise TabTuneError(f"{where}.{name}: expected a string, got {value!r}")
+    if typing.get_origin(kind) in (list, List):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise TabTuneError(f"{where}.{name}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def from_dict(cls, values: Optional[dict], where: str):
+    """Return ``cls`` filled from ``values``; an unknown key or a wrong value is a TabTuneError naming it."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise TabTuneError(f"unknown {where} key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return cls(**{k: _coerce(k, hints[k], v, where) for k, v in values.items()})
+
+
+def to_dict(obj) -> dict:
+    """Plain, JSON-ready dict of a config dataclass (enums as their strings)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = v.value if isinstance(v, Enum) else (list(v) if isinstance(v, (list, tuple)) else v)
+    return out
+
+
+def check_strategy(s: StrategyConfig) -> None:
+    """Reject contradictions a composed config can still hold, with the key at fault."""
+    positive = ["epochs", "batch_size", "gradient_accumulation_steps", "context_size", "query_size"]
+    for key in positive:
+        if getattr(s, key) < 1:
+            raise TabTuneError(f"strategy.{key} must be at least 1, got {getattr(s, key)}")
+    if s.learning_rate <= 0:
+        raise TabTuneError(f"strategy.learning_rate must be positive, got {s.learning_rate}")
+    if s.warmup_steps < 0:
+        raise TabTuneError(f"strategy.warmup_steps must be >= 0, got {s.warmup_steps}")

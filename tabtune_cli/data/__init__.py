@@ -1,0 +1,1 @@
+"""Tables in, numeric arrays out: loading, built-in datasets, splits and preprocessing."""

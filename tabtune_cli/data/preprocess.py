@@ -1,0 +1,215 @@
+"""The shared preprocessor: fitted on the training split only, its whole state is plain JSON.
+
+Every column becomes one or more float features:
+- numeric: missing values filled with the training median (plus a 0/1 missing
+  indicator when training had gaps), then standardised and clipped;
+- categorical (strings, booleans, categories): codes by training frequency, one
+  extra code shared by missing and unseen values, then standardised;
+- datetimes: year, month, day, weekday and days since the epoch, as numeric;
+- constant columns and ID-like columns (all-distinct strings, or all-distinct
+  integers forming a run) are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..errors import TabTuneError
+
+CLIP = 4.0  # standardised values beyond this many deviations are clipped
+DATE_PARTS = ("year", "month", "day", "dayofweek")
+
+
+def _is_datetime_like(col: pd.Series) -> bool:
+    if pd.api.types.is_datetime64_any_dtype(col):
+        return True
+    if not (pd.api.types.is_object_dtype(col) or pd.api.types.is_string_dtype(col)):
+        return False
+    sample = col.dropna().astype(str).head(200)
+    if sample.empty or sample.str.fullmatch(r"[-+]?\d+(\.\d*)?").any():
+        return False
+    parsed = pd.to_datetime(sample, errors="coerce", format="mixed")
+    return parsed.notna().mean() >= 0.95
+
+
+def _to_datetime(col: pd.Series) -> pd.Series:
+    out = pd.to_datetime(col, errors="coerce", format="mixed")
+    if getattr(out.dt, "tz", None) is not None:
+        out = out.dt.tz_convert(None)
+    return out
+
+
+def _date_features(col: pd.Series) -> pd.DataFrame:
+    dt = _to_datetime(col)
+    parts = {p: getattr(dt.dt, p).astype("float64") for p in DATE_PARTS}
+    parts["days"] = (dt - pd.Timestamp(0)).dt.total_seconds() / 86400.0
+    return pd.DataFrame(parts, index=col.index)
+
+
+def _json_value(v):
+    """A label or category as a JSON-safe Python value."""
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    return v
+
+
+class Preprocessor:
+    """Fit on the training features, then map any table with the same columns to float32 arrays."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    # ---- fitting -------------------------------------------------------------------------
+    def fit(self, frame: pd.DataFrame) -> "Preprocessor":
+        columns, dropped = [], {}
+        n = len(frame)
+        for name in frame.columns:
+            col = frame[name]
+            non_null = col.dropna()
+            if non_null.nunique() <= 1:
+                dropped[str(name)] = "constant"
+                continue
+            if _is_datetime_like(col):
+                feats = _date_features(col)
+                columns.append({"name": name, "kind": "datetime", "stats": self._numeric_stats(feats)})
+                continue
+            numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+            if self._is_id_like(col, numeric, n):
+                dropped[str(name)] = "id-like"
+                continue
+            if numeric:
+                values = col.astype("float64")
+                columns.append({"name": name, "kind": "numeric", "stats": self._numeric_stats(values.to_frame())})
+            else:
+                counts = col.dropna().astype(str).value_counts(sort=True)
+                categories = sorted(counts.index, key=lambda c: (-counts[c], c))
+                codes = self._category_codes(col, categories)
+                mean, std = float(codes.mean()), float(codes.std(ddof=0)) or 1.0
+                columns.append({"name": name, "kind": "categorical", "categories": categories, "mean": mean, "std": std})
+        if not columns:
+            raise TabTuneError("no usable feature columns: every column is constant or ID-like "
+                               f"({', '.join(f'{k}: {v}' for k, v in dropped.items())})")
+        self.state = {"columns": columns, "dropped": dropped, "input_columns": [str(c) for c in frame.columns]}
+        return self
+
+    @staticmethod
+    def _is_id_like(col: pd.Series, numeric: bool, n: int) -> bool:
+        if n < 20 or col.isna().any() or col.nunique() != n:
+            return False
+        if not numeric:
+            return True
+        if pd.api.types.is_integer_dtype(col):
+            ordered = np.sort(col.to_numpy())
+            return bool((np.diff(ordered) == 1).all())
+        return False
+
+    @staticmethod
+    def _numeric_stats(frame: pd.DataFrame) -> list[dict]:
+        stats = []
+        for name in frame.columns:
+            values = frame[name].astype("float64")
+            values = values.where(np.isfinite(values))
+            median = values.median()
+            median = 0.0 if math.isnan(median) else float(median)
+            filled = values.fillna(median)
+            std = float(filled.std(ddof=0))
+            stats.append({"part": str(name), "median": median, "mean": float(filled.mean()),
+                          "std": std if std > 0 else 1.0, "missing_indicator": bool(values.isna().any())})
+        return stats
+
+    @staticmethod
+    def _category_codes(col: pd.Series, categories: list[str]) -> pd.Series:
+        lookup = {c: i for i, c in enumerate(categories)}
+        # missing and unseen values share the code after the last known category
+        return col.map(lambda v: lookup.get(str(v), len(categories)) if pd.notna(v) else len(categories)).astype("float64")
+
+    # ---- transforming --------------------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        names = []
+        for spec in self._columns:
+            if spec["kind"] == "categorical":
+                names.append(str(spec["name"]))
+                continue
+            for st in spec["stats"]:
+                base = str(spec["name"]) if spec["kind"] == "numeric" else f"{spec['name']}.{st['part']}"
+                names.append(base)
+                if st["missing_indicator"]:
+                    names.append(f"{base}.missing")
+        return names
+
+    @property
+    def _columns(self) -> list[dict]:
+        if self.state is None:
+            raise TabTuneError("the preprocessor is not fitted")
+        return self.state["columns"]
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Return the float32 feature matrix for ``frame`` (its columns must include the fitted ones)."""
+        missing = [str(s["name"]) for s in self._columns if s["name"] not in frame.columns]
+        if missing:
+            raise TabTuneError(f"column {missing[0]!r} is missing from the table (the model was fitted with it)")
+        blocks = []
+        for spec in self._columns:
+            col = frame[spec["name"]]
+            if spec["kind"] == "categorical":
+                codes = self._category_codes(col, spec["categories"]).to_numpy()
+                blocks.append(((codes - spec["mean"]) / spec["std"])[:, None])
+                continue
+            if spec["kind"] == "datetime":
+                parts = _date_features(col)
+            else:
+                values = pd.to_numeric(col, errors="coerce") if not pd.api.types.is_numeric_dtype(col) else col
+                parts = values.astype("float64").to_frame(name=str(spec["name"]))
+            for st, part in zip(spec["stats"], parts.columns):
+                values = parts[part].to_numpy(dtype="float64")
+                gap = ~np.isfinite(values)
+                values = np.where(gap, st["median"], values)
+                blocks.append(np.clip((values - st["mean"]) / st["std"], -CLIP, CLIP)[:, None])
+                if st["missing_indicator"]:
+                    blocks.append(gap.astype("float64")[:, None])
+        return np.hstack(blocks).astype(np.float32)
+
+    def fit_transform(self, frame: pd.DataFrame) -> np.ndarray:
+        return self.fit(frame).transform(frame)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def to_json(self) -> dict:
+        state = dict(self.state)
+        state["columns"] = [{**s, "name": _json_value(s["name"])} for s in state["columns"]]
+        return state
+
+    @classmethod
+    def from_json(cls, state: dict) -> "Preprocessor":
+        return cls(state)
+
+
+class LabelEncoder:
+    """Class labels <-> 0..C-1, in sorted order, JSON-serialisable."""
+
+    def __init__(self, classes: list | None = None):
+        self.classes = classes
+
+    def fit(self, y: pd.Series) -> "LabelEncoder":
+        self.classes = [_json_value(v) for v in sorted(pd.unique(y.dropna()), key=lambda v: (str(type(v)), v))]
+        return self
+
+    def transform(self, y: pd.Series) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        codes = np.array([lookup.get(_json_value(v), -1) for v in y], dtype=np.int64)
+        if (codes < 0).any():
+            unknown = [v for v, c in zip(y, codes) if c < 0][0]
+            raise TabTuneError(f"label {unknown!r} was not seen in training (known: {self.classes})")
+        return codes
+
+    def inverse(self, codes: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[codes]

@@ -1,0 +1,114 @@
+"""The ModelAdapter protocol — the one seam between tabtune and a model family — and shared helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..errors import TabTuneError
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the model predicts: ``classification`` with ``n_classes`` labels, or ``regression``."""
+
+    kind: str
+    n_classes: int = 0
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == "classification"
+
+
+class ModelAdapter:
+    """One model family. Subclasses fill in the architecture; the rest of tabtune knows only this."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]                  # the model's own spelling, for tables
+    config_class: ClassVar[type] = ModelConfig
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    max_classes: ClassVar[int | None] = None   # widest head; None = unlimited
+    sizes: ClassVar[dict[str, dict]] = {}      # named random-weight sizes
+
+    # -- building ----------------------------------------------------------------------------
+    def build(self, config: ModelConfig, task: Task) -> tuple[nn.Module, dict]:
+        """Return ``(module, architecture)``; ``architecture`` is JSON that :meth:`from_architecture` rebuilds."""
+        raise NotImplementedError
+
+    def from_architecture(self, architecture: dict) -> nn.Module:
+        """Return a module of the saved architecture (weights to be loaded by the caller)."""
+        raise NotImplementedError
+
+    # -- forward -----------------------------------------------------------------------------
+    def episode_logits(self, module: nn.Module, X_context: Tensor, y_context: Tensor, X_query: Tensor,
+                       task: Task) -> Tensor:
+        """Differentiable outputs for a batch of episodes: (B, n_query, n_classes) logits, or the
+        model's regression outputs. Context and query rows are disjoint by construction."""
+        raise NotImplementedError
+
+    def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
+        """Mean training loss of :meth:`episode_logits` outputs on the query labels."""
+        if task.is_classification:
+            return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), y_query.reshape(-1))
+        raise NotImplementedError
+
+    def predict(self, module: nn.Module, X_context: np.ndarray, y_context: np.ndarray, X_query: np.ndarray,
+                task: Task, config: ModelConfig, device: torch.device) -> np.ndarray:
+        """Class probabilities (n_query, n_classes), or point predictions (n_query,) for regression."""
+        raise NotImplementedError
+
+    # -- LoRA --------------------------------------------------------------------------------
+    default_lora_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def lora_targets(self, module: nn.Module, prefixes: list[str] | None) -> tuple[list[str], list[str]]:
+        """Return ``(target_modules, target_parameters)`` for peft, expanded from module-name prefixes."""
+        raise NotImplementedError
+
+    def check_task(self, task: Task, strategy: str) -> None:
+        """Refuse a task this model cannot do, before any training."""
+        if task.kind not in self.tasks:
+            raise TabTuneError(f"model {self.name!r} does not support {task.kind} (it supports: {', '.join(self.tasks)})")
+
+
+def under_prefixes(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, model_title: str) -> Path:
+    """Return a local checkpoint file: ``model.checkpoint``, the Hub cache, or (if allowed) a download.
+
+    Offline or without permission the error says which file is missing and where to put it, at once.
+    """
+    if config.checkpoint:
+        path = Path(config.checkpoint).expanduser()
+        if not path.is_file():
+            raise TabTuneError(f"model.checkpoint: no such file {str(path)!r}")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+    except Exception:
+        pass
+    hint = (f"{model_title} checkpoint {filename!r} is not available locally: download it from "
+            f"https://huggingface.co/{repo_id} and pass model.checkpoint=/path/to/{filename}")
+    if not config.allow_download:
+        raise TabTuneError(hint + ", or set model.allow_download=true")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except Exception as exc:
+        raise TabTuneError(f"{hint} (the download failed: {str(exc).splitlines()[0][:120]})") from None
+
+
+def class_shift_probs(probs: np.ndarray, shift: int) -> np.ndarray:
+    """Undo a cyclic label shift applied to the context labels."""
+    return np.roll(probs, -shift, axis=-1)

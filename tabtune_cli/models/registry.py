@@ -1,0 +1,17 @@
+"""Model name -> adapter. The only place that lists the model families."""
+
+from __future__ import annotations
+
+from ..errors import TabTuneError
+from .base import ModelAdapter
+from .tabicl import TabICLAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (TabICLAdapter,)}
+
+
+def get_adapter(name: str) -> ModelAdapter:
+    """Return the adapter for ``name`` (case-insensitive); an unknown name lists the known ones."""
+    key = str(name).lower()
+    if key not in ADAPTERS:
+        raise TabTuneError(f"unknown model {name!r} (available: {', '.join(sorted(ADAPTERS))})")
+    return ADAPTERS[key]()

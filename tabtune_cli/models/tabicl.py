@@ -1,0 +1,170 @@
+"""TabICL through the tabicl package: its architecture, its checkpoint format, LoRA that reaches attention.
+
+Checkpoints are TabICL's official format: a torch file holding a dict with
+``config`` (the ``TabICL`` constructor's arguments) and ``state_dict``, loaded
+with ``weights_only=True``.
+
+LoRA. TabICL's attention keeps q/k/v in one packed ``in_proj_weight`` and reads
+``out_proj.weight`` straight into ``F.linear``, so ``out_proj``'s own forward
+never runs and a peft adapter on it would never touch the output. We therefore
+(1) target the packed ``in_proj_weight`` with peft's ``target_parameters``
+(peft parametrizes it during the attention's forward), and (2) give every
+attention module a forward that ends by *calling* ``out_proj`` — the packed
+kernel is handed an identity projection instead — so a plain peft LoRA layer on
+``out_proj`` is live. The module tree and state-dict keys are unchanged, so
+official checkpoints load as they are and peft's own ``PeftModel.from_pretrained``
+restores the adapters on any module this adapter builds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tabicl._model import attention as tabicl_attention
+from tabicl._model.layers import MultiheadAttention
+from tabicl._model.tabicl import TabICL
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..errors import TabTuneError
+from .base import ModelAdapter, Task, class_shift_probs, resolve_checkpoint, under_prefixes
+
+REPO_ID = "jingang/TabICL"
+PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+CHECKPOINTS = {"classification": "tabicl-classifier-v2-20260212.ckpt",
+               "regression": "tabicl-regressor-v2-20260212.ckpt"}
+
+
+class LiveOutProjAttention(MultiheadAttention):
+    """TabICL's attention, with ``out_proj`` applied through its forward so LoRA on it is live."""
+
+    def forward(self, query, key=None, value=None, cached_kv=None, key_padding_mask=None, attn_mask=None,
+                rope=None, need_kv=False):
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="src_mask",
+                                             target_type=query.dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        identity = torch.eye(self.embed_dim, dtype=query.dtype, device=query.device)
+        out = tabicl_attention.multi_head_attention_forward(
+            query, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.dropout, identity, None,
+            key=key, value=value, cached_kv=cached_kv, training=self.training, key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask, rope=rope, ssmax_layer=self.ssmax_layer, need_kv=need_kv)
+        if isinstance(out, tuple):
+            return (self.out_proj(out[0]), *out[1:])
+        return self.out_proj(out)
+
+
+def _make_attention_live(module: nn.Module) -> nn.Module:
+    for sub in module.modules():
+        if type(sub) is MultiheadAttention:
+            sub.__class__ = LiveOutProjAttention
+    return module
+
+
+class TabICLAdapter(ModelAdapter):
+    name = "tabicl"
+    title = "TabICL"
+    tasks = ("classification", "regression")
+    max_classes = 10
+    sizes = {
+        "tiny": dict(embed_dim=16, col_num_blocks=1, col_nhead=2, col_num_inds=8, row_num_blocks=1, row_nhead=2,
+                     row_num_cls=2, icl_num_blocks=2, icl_nhead=2, num_quantiles=99),
+        "small": dict(embed_dim=64, col_num_blocks=1, col_nhead=4, col_num_inds=32, row_num_blocks=2,
+                      row_nhead=4, row_num_cls=4, icl_num_blocks=4, icl_nhead=4, num_quantiles=99),
+    }
+    # the seed's defaults: column embedder, row interactor, ICL transformer, decoder head
+    default_lora_prefixes = ("col_embedder.tf_col", "row_interactor", "icl_predictor.tf_icl", "icl_predictor.decoder")
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, config: ModelConfig, task: Task):
+        if not config.pretrained:
+            if config.size not in self.sizes:
+                raise TabTuneError(f"model.size: unknown size {config.size!r} for tabicl (known: {', '.join(self.sizes)})")
+            architecture = {**self.sizes[config.size], "max_classes": self.max_classes if task.is_classification else 0,
+                            "zero_init": False}
+            return self.from_architecture(architecture), architecture
+        path = resolve_checkpoint(config, repo_id=REPO_ID, filename=CHECKPOINTS[task.kind], model_title=self.title)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise TabTuneError(f"{path}: not a TabICL checkpoint ({str(exc).splitlines()[0][:120]})") from None
+        if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+            raise TabTuneError(f"{path}: not a TabICL checkpoint (expected a dict with 'config' and 'state_dict')")
+        architecture = dict(checkpoint["config"])
+        is_regressor = architecture.get("max_classes", 10) == 0
+        if is_regressor == task.is_classification:
+            kind = "regression" if is_regressor else "classification"
+            raise TabTuneError(f"{path}: this is a TabICL {kind} checkpoint, but the task is {task.kind}")
+        module = self.from_architecture(architecture)
+        try:
+            module.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as exc:
+            raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[0][:160]})") from None
+        return module, architecture
+
+    def from_architecture(self, architecture: dict) -> nn.Module:
+        return _make_attention_live(TabICL(**architecture))
+
+    # -- forward -------------------------------------------------------------------------------
+    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task) -> Tensor:
+        X = torch.cat([X_context, X_query], dim=1)
+        y = y_context.float() if task.is_classification else y_context
+        out = module(X, y)
+        return out[..., : task.n_classes] if task.is_classification else out
+
+    def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
+        if task.is_classification:
+            return super().episode_loss(outputs, y_query, task)
+        # pinball loss over the model's quantile levels
+        n = outputs.shape[-1]
+        alphas = torch.linspace(0.0, 1.0, n + 2, device=outputs.device, dtype=outputs.dtype)[1:-1]
+        diff = y_query.unsqueeze(-1) - outputs
+        return torch.where(diff >= 0, alphas * diff, (alphas - 1) * diff).mean()
+
+    @torch.no_grad()
+    def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        module.eval()
+        rng = np.random.default_rng(0)
+        n_features = X_context.shape[1]
+        total = None
+        chunk = max(256, 8192 - len(X_context))
+        for member in range(config.n_estimators):
+            order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
+            shift = member % task.n_classes if task.is_classification else 0
+            y_ctx = (y_context + shift) % task.n_classes if task.is_classification else y_context
+            Xc = torch.as_tensor(X_context[:, order], device=device)
+            yc = torch.as_tensor(y_ctx, device=device, dtype=torch.float32)[None]
+            parts = []
+            for start in range(0, len(X_query), chunk):
+                Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device)
+                X = torch.cat([Xc, Xq], dim=0)[None]
+                if task.is_classification:
+                    out = module(X, yc, return_logits=False, softmax_temperature=config.softmax_temperature)[0]
+                else:
+                    out = module(X, yc)[0].sort(dim=-1).values.mean(dim=-1)
+                parts.append(out.float().cpu().numpy())
+            pred = np.concatenate(parts)
+            if task.is_classification:
+                pred = class_shift_probs(pred, shift)
+            total = pred if total is None else total + pred
+        pred = total / config.n_estimators
+        if task.is_classification:
+            pred = pred / pred.sum(axis=1, keepdims=True)
+        return pred
+
+    # -- LoRA ------------------------------------------------------------------------------------
+    def lora_targets(self, module: nn.Module, prefixes):
+        prefixes = list(prefixes or self.default_lora_prefixes)
+        names = dict(module.named_modules())
+        unknown = [p for p in prefixes if p not in names]
+        if unknown:
+            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of TabICL")
+        # plain linear layers only: TabICL's OneHotAndLinear/SkippableLinear transform their input
+        # before the matmul, so a LoRA beside them would see the wrong input
+        linears = [n for n, m in names.items() if type(m) in PLAIN_LINEAR and under_prefixes(n, prefixes)
+                   and "ssmax" not in n]
+        packed = [f"{n}.in_proj_weight" for n, m in names.items()
+                  if isinstance(m, MultiheadAttention) and under_prefixes(n, prefixes)]
+        return linears, packed

@@ -1,0 +1,85 @@
+"""The one writer of run directories: exclusive creation, atomic files, a manifest that says when a run is whole.
+
+A file is written to a hidden temporary name beside it and renamed into place, so
+no reader ever sees half a file. ``run.json`` says ``running`` from the start and
+``complete`` only after ``metrics.json`` exists; a crashed run says ``running``
+or ``failed`` and has no ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+MANIFEST = "run.json"
+
+
+def create(path: str | Path) -> Path:
+    """Claim ``path`` as a new run directory; if another run holds it, take ``path_1``, ``path_2``, ..."""
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        candidate = base if attempt == 0 else base.with_name(f"{base.name}_{attempt}")
+        candidate.mkdir(exist_ok=True)
+        try:
+            fd = os.open(candidate / MANIFEST, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, fh)
+        return candidate
+    raise RuntimeError(f"{base}: could not claim a free run directory")
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | Path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
+    return _atomic(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def write_file(path: str | Path, writer) -> Path:
+    """Atomically write ``path`` with ``writer(tmp_path)``, for formats with their own savers."""
+    return _atomic(Path(path), writer)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one whole line (a torn last line is the only possible partial state, and readers skip it)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+        fh.flush()
+
+
+def finish(run_dir: Path, status: str, **extra) -> None:
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+    write_json(run_dir / MANIFEST, manifest)
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    path = Path(run_dir) / MANIFEST
+    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"

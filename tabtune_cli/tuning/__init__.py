@@ -1,0 +1,1 @@
+"""Fine-tuning: episode sampling, LoRA wiring and the one training loop."""

@@ -1,0 +1,174 @@
+"""The one training loop, shared by every model and by base-ft and peft alike.
+
+Episodic: each step feeds a batch of episodes (context rows with labels, disjoint
+query rows) through the adapter's differentiable forward and takes the loss on the
+query rows. After every epoch the validation split is predicted through the
+inference path with the training split as context; the best epoch's trainable
+weights are restored at the end, and training stops early when validation has
+not improved for ``early_stopping_patience`` epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from ..config import ModelConfig, StrategyConfig
+from ..errors import TabTuneError
+from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
+from ..models.base import ModelAdapter, Task
+from .episodes import context_rows, epoch_episodes
+
+
+@dataclass
+class Split:
+    X: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val: float
+    val_before: float
+    epochs_run: int
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "no":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise TabTuneError("strategy.mixed_precision=fp16 needs a CUDA device (use bf16 or no on CPU)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split, val: Split,
+             model_config: ModelConfig, device: torch.device, seed: int) -> float:
+    """The validation metric (lower is better) with the training split as context."""
+    labels = train.y if task.is_classification else None
+    ctx = context_rows(labels, len(train.y), model_config.max_context_rows, seed)
+    pred = adapter.predict(module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
+    name, _ = VALIDATION_METRIC[task.kind]
+    return compute_metrics(task.kind, val.y, pred)[name]
+
+
+def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
+          strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
+          on_record: Callable[[dict], None] | None = None) -> TrainResult:
+    """Fine-tune the trainable parameters of ``module`` in place; return what happened."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise TabTuneError("nothing to train: the model has no trainable parameters")
+    if strategy.optimizer.value == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=strategy.learning_rate, momentum=0.9, weight_decay=strategy.weight_decay)
+    n_rows = len(train_split.y)
+    query_size = min(strategy.query_size, max(1, n_rows // 2))
+    episodes_per_epoch = math.ceil(n_rows / query_size)
+    batches_per_epoch = math.ceil(episodes_per_epoch / strategy.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / strategy.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * strategy.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(strategy.scheduler.value, strategy.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler("cuda") if strategy.mixed_precision.value == "fp16" else None
+    autocast = lambda: _autocast(strategy.mixed_precision.value, device)  # noqa: E731
+    autocast()  # reject fp16 on CPU before any work
+
+    history: list[dict] = []
+
+    def record(entry: dict) -> None:
+        history.append(entry)
+        if on_record is not None:
+            on_record(entry)
+
+    rng = np.random.default_rng(seed)
+    labels = train_split.y if task.is_classification else None
+    X_all = torch.as_tensor(train_split.X, device=device)
+    y_all = torch.as_tensor(train_split.y, device=device)
+    metric_name, _ = VALIDATION_METRIC[task.kind]
+
+    val_before = validate(adapter, module, task, train_split, val_split, model_config, device, seed)
+    record({"epoch": 0, "step": 0, f"val_{metric_name}": val_before})
+    best_val, best_epoch, best_state, stale, step = math.inf, 0, None, 0, 0
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        disable=not strategy.show_progress, transient=False)
+    epoch = 0
+    with progress:
+        bar = progress.add_task("fine-tuning", total=total_steps, status="")
+        for epoch in range(1, strategy.epochs + 1):
+            module.train()
+            episodes = epoch_episodes(labels, n_rows, strategy.context_size, query_size, rng)
+            batches = [episodes[i:i + strategy.batch_size] for i in range(0, len(episodes), strategy.batch_size)]
+            optimizer.zero_grad(set_to_none=True)
+            running = []
+            for b, batch in enumerate(batches):
+                ctx = torch.as_tensor(np.stack([e.context for e in batch]), device=device)
+                qry = torch.as_tensor(np.stack([e.query for e in batch]), device=device)
+                with autocast():
+                    out = adapter.episode_logits(module, X_all[ctx], y_all[ctx], X_all[qry], task)
+                    loss = adapter.episode_loss(out.float(), y_all[qry], task)
+                if not torch.isfinite(loss):
+                    raise TabTuneError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
+                                       f"lower strategy.learning_rate (now {strategy.learning_rate})")
+                scaled = loss / strategy.gradient_accumulation_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                running.append(loss.item())
+                last = b == len(batches) - 1
+                if (b + 1) % strategy.gradient_accumulation_steps == 0 or last:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if strategy.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, strategy.max_grad_norm)
+                    (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    record({"epoch": epoch, "step": step, "loss": float(np.mean(running)),
+                            "lr": scheduler.get_last_lr()[0]})
+                    scheduler.step()
+                    progress.update(bar, advance=1, status=f"epoch {epoch} loss {np.mean(running):.4f}")
+                    running = []
+            val = validate(adapter, module, task, train_split, val_split, model_config, device, seed)
+            record({"epoch": epoch, "step": step, f"val_{metric_name}": val})
+            progress.update(bar, status=f"epoch {epoch} val {metric_name} {val:.4f}")
+            if val < best_val:
+                best_val, best_epoch, stale = val, epoch, 0
+                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            else:
+                stale += 1
+                if strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience:
+                    break
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(best_state[n])
+    module.eval()
+    return TrainResult(best_epoch=best_epoch, best_val=best_val, val_before=val_before, epochs_run=epoch,
+                       steps=step, history=history)

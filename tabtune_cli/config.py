@@ -55,7 +55,8 @@ class StrategyName(str, Enum):
 class StrategyConfig:
     """How the model is tuned; the keys are the Python API's ``tuning_params``."""
 
-    name: StrategyName = StrategyName.inference
+    # a plain string (not the enum) so Hydra accepts the value spelling "base-ft"
+    name: str = "inference"
     epochs: int = 5
     learning_rate: float = 1e-4
     batch_size: int = 4
@@ -116,10 +117,10 @@ class DatasetConfig:
 
 
 def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:
-    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    kind = options[0]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    kind = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
     if value is None:
-        if type(None) in typing.get_args(hint):
+        if optional:
             return None
         raise TabTuneError(f"{where}.{name}: a value is required, got null")
     if isinstance(kind, type) and issubclass(kind, Enum):
@@ -165,6 +166,10 @@ def to_dict(obj) -> dict:
 
 def check_strategy(s: StrategyConfig) -> None:
     """Reject contradictions a composed config can still hold, with the key at fault."""
+    allowed = [m.value for m in StrategyName]
+    if s.name not in allowed:
+        raise TabTuneError(f"unknown strategy {s.name!r} (available: {', '.join(allowed)})")
+    s.name = StrategyName(s.name)
     positive = ["epochs", "batch_size", "gradient_accumulation_steps", "context_size", "query_size"]
     for key in positive:
         if getattr(s, key) < 1:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import rundir
 from .config import (LoraSettings, StrategyConfig, StrategyName, check_strategy, from_dict, to_dict)
+from .data.dataset import infer_task
 from .data.preprocess import LabelEncoder, Preprocessor
 from .data.split import split_frame
 from .errors import TabTuneError
@@ -32,15 +33,6 @@ from .tuning.episodes import context_rows
 from .tuning.trainer import Split, train
 
 FORMAT_VERSION = 1
-
-
-def infer_task(y: pd.Series) -> str:
-    """``regression`` for a float target with many distinct values, else ``classification``."""
-    if pd.api.types.is_float_dtype(y) and y.nunique() > 20:
-        return "regression"
-    if pd.api.types.is_integer_dtype(y) and y.nunique() > 50:
-        return "regression"
-    return "classification"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,88 @@
+"""From the ``dataset`` config to train / validation / test frames, with errors that name the culprit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import DatasetConfig
+from ..errors import TabTuneError
+from .builtin import BUILTIN, TARGET, load_builtin
+from .io import read_table
+from .split import split_frame, subsample
+
+
+@dataclass
+class LoadedData:
+    name: str
+    target: str
+    task: str
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+
+def infer_task(y: pd.Series) -> str:
+    """``regression`` for a numeric target with many distinct values, else ``classification``."""
+    if pd.api.types.is_float_dtype(y) and y.nunique() > 20:
+        return "regression"
+    if pd.api.types.is_integer_dtype(y) and y.nunique() > 50:
+        return "regression"
+    return "classification"
+
+
+def _checked(frame: pd.DataFrame, source: str, target: str, drop: list[str]) -> pd.DataFrame:
+    if target not in frame.columns:
+        shown = ", ".join(map(str, list(frame.columns)[:12])) + (" ..." if frame.shape[1] > 12 else "")
+        raise TabTuneError(f"{source}: target column {target!r} not found (columns: {shown})")
+    absent = [c for c in drop if c not in frame.columns]
+    if absent:
+        raise TabTuneError(f"{source}: dataset.drop_columns names {absent[0]!r}, which is not a column")
+    frame = frame.drop(columns=drop)
+    missing = int(frame[target].isna().sum())
+    if missing == len(frame):
+        raise TabTuneError(f"{source}: target column {target!r} has no values")
+    if missing:
+        frame = frame[frame[target].notna()]
+    if frame.shape[1] < 2:
+        raise TabTuneError(f"{source}: no feature columns besides the target {target!r}")
+    return frame
+
+
+def load_dataset(cfg: DatasetConfig, seed: int) -> LoadedData:
+    """Read, check and split the configured table (train / val / test), stratified for classification."""
+    if cfg.path:
+        source, name = cfg.path, Path(cfg.path).stem
+        if not cfg.target:
+            raise TabTuneError(f"{cfg.path}: dataset.target is not set (name the label column)")
+        target, frame = cfg.target, read_table(cfg.path)
+    elif cfg.builtin:
+        if cfg.builtin not in BUILTIN:
+            raise TabTuneError(f"dataset.builtin: unknown built-in dataset {cfg.builtin!r} "
+                               f"(available: {', '.join(sorted(BUILTIN))})")
+        source, name, target = f"built-in dataset {cfg.builtin}", cfg.builtin, cfg.target or TARGET
+        frame = load_builtin(cfg.builtin)
+    else:
+        raise TabTuneError("dataset.path is not set (give a CSV or Parquet file, or choose dataset=<built-in>)")
+    frame = _checked(frame, source, target, list(cfg.drop_columns))
+    task = infer_task(frame[target]) if cfg.task.value == "auto" else cfg.task.value
+    if task == "classification" and frame[target].nunique() < 2:
+        raise TabTuneError(f"{source}: target column {target!r} has a single class "
+                           f"({frame[target].iloc[0]!r}); classification needs at least two")
+    stratify = task == "classification"
+    frame = subsample(frame, target, cfg.max_rows, stratify=stratify, seed=seed)
+    if cfg.test_path:
+        test = _checked(read_table(cfg.test_path), cfg.test_path, target, list(cfg.drop_columns))
+        rest = frame
+    else:
+        if not 0 < cfg.test_size < 1:
+            raise TabTuneError(f"dataset.test_size must be between 0 and 1, got {cfg.test_size}")
+        rest, test = split_frame(frame, target, fraction=cfg.test_size, stratify=stratify, seed=seed)
+    if not 0 <= cfg.val_size < 1:
+        raise TabTuneError(f"dataset.val_size must be in [0, 1), got {cfg.val_size}")
+    train, val = split_frame(rest, target, fraction=cfg.val_size, stratify=stratify, seed=seed + 1)
+    if len(train) < 2 or len(test) < 1:
+        raise TabTuneError(f"{source}: too few rows to split ({len(frame)} rows)")
+    return LoadedData(name=name, target=target, task=task, train=train, val=val, test=test)

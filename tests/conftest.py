@@ -1,0 +1,79 @@
+"""Shared fixtures for the engine tests: a small learnable table and tiny random-weight TabICL settings.
+
+Everything runs on CPU with TabICL's random-weight ``tiny`` size, so no checkpoint
+or network is needed and the whole suite stays fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+# random-weight tiny TabICL, one ensemble member: deterministic and quick
+TINY_MODEL = {"pretrained": False, "size": "tiny", "n_estimators": 1}
+
+# small episodes; settings under which the tiny model visibly learns the fixture's rule in 5 epochs
+TUNE_PARAMS = {
+    "base-ft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 3e-3,
+                "scheduler": "constant", "show_progress": False},
+    "peft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 1e-2,
+             "scheduler": "constant", "show_progress": False},
+    "inference": {"show_progress": False},
+}
+
+SEED = 0
+N_TRAIN = 240
+
+
+def make_table(n: int = 300, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
+    """``n`` rows: six numeric features and one string categorical; the label follows a simple rule.
+
+    ``churn`` is ``"yes"`` exactly when ``f0 + 0.5 * (color == "red") > 0``: f0 and colour carry the signal,
+    f1..f5 are noise.
+    """
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 6)), columns=[f"f{i}" for i in range(6)])
+    X["color"] = rng.choice(["red", "green", "blue"], size=n)
+    score = X["f0"] + np.where(X["color"] == "red", 0.5, 0.0)
+    y = pd.Series(np.where(score > 0, "yes", "no"), name="churn")
+    return X, y
+
+
+@pytest.fixture(scope="session")
+def table():
+    return make_table()
+
+
+@pytest.fixture(scope="session")
+def split(table):
+    """(X_train, y_train, X_test, y_test): the first 240 rows train, the last 60 are held out."""
+    X, y = table
+    return (X.iloc[:N_TRAIN].reset_index(drop=True), y.iloc[:N_TRAIN].reset_index(drop=True),
+            X.iloc[N_TRAIN:].reset_index(drop=True), y.iloc[N_TRAIN:].reset_index(drop=True))
+
+
+def fit_pipeline(strategy: str, X, y, **overrides):
+    from tabtune_cli import TabularPipeline
+
+    kwargs = dict(model_name="tabicl", tuning_strategy=strategy, tuning_params=dict(TUNE_PARAMS[strategy]),
+                  model_params=dict(TINY_MODEL), device="cpu", seed=SEED)
+    kwargs.update(overrides)
+    return TabularPipeline(**kwargs).fit(X, y)
+
+
+@pytest.fixture(scope="session")
+def fitted(split):
+    """One fitted pipeline per strategy, all from the same seed (hence the same initial weights).
+
+    Shared by several tests: treat them as read-only.
+    """
+    X_train, y_train, _, _ = split
+    return {name: fit_pipeline(name, X_train, y_train) for name in ("inference", "base-ft", "peft")}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(SEED)
+    yield

@@ -17,6 +17,11 @@ import numpy as np
 class Episode:
     context: np.ndarray  # row indices into the training split
     query: np.ndarray
+    # The inference path ensembles over feature orders and cyclic class shifts, so training sees
+    # features and class ids relabelled too: the model must read labels from the context, not
+    # memorise which id means what.
+    feature_order: np.ndarray | None = None
+    class_order: np.ndarray | None = None
 
 
 def stratified_pick(labels: np.ndarray, candidates: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -32,8 +37,12 @@ def stratified_pick(labels: np.ndarray, candidates: np.ndarray, size: int, rng: 
 
 
 def epoch_episodes(labels: np.ndarray | None, n_rows: int, context_size: int, query_size: int,
-                   rng: np.random.Generator) -> list[Episode]:
-    """Return the episodes of one epoch; ``labels`` (class codes) makes the context stratified."""
+                   rng: np.random.Generator, n_features: int | None = None,
+                   n_classes: int | None = None) -> list[Episode]:
+    """Return the episodes of one epoch; ``labels`` (class codes) makes the context stratified.
+
+    With ``n_features`` / ``n_classes`` each episode also carries a random feature order and
+    class relabelling."""
     if n_rows < 2:
         raise ValueError("episodes need at least two training rows")
     query_size = min(query_size, max(1, n_rows // 2))
@@ -48,7 +57,10 @@ def epoch_episodes(labels: np.ndarray | None, n_rows: int, context_size: int, qu
             context = rng.choice(others, size=size, replace=False)
         else:
             context = stratified_pick(labels, others, size, rng)
-        episodes.append(Episode(context=context, query=query))
+        episodes.append(Episode(
+            context=context, query=query,
+            feature_order=rng.permutation(n_features) if n_features else None,
+            class_order=rng.permutation(n_classes) if n_classes else None))
     return episodes
 
 

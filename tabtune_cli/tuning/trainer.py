@@ -76,6 +76,23 @@ def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split,
     return compute_metrics(task.kind, val.y, pred)[name]
 
 
+def _episode_tensors(batch, X_all: torch.Tensor, y_all: torch.Tensor, device: torch.device):
+    """Stack a batch of episodes into (B, rows, features) tensors, applying each one's relabelling."""
+    def stack(key):
+        return torch.as_tensor(np.stack([getattr(e, key) for e in batch]), device=device)
+
+    ctx, qry = stack("context"), stack("query")
+    Xc, Xq, yc, yq = X_all[ctx], X_all[qry], y_all[ctx], y_all[qry]
+    if batch[0].feature_order is not None:
+        order = stack("feature_order")[:, None, :]
+        Xc = Xc.gather(2, order.expand_as(Xc))
+        Xq = Xq.gather(2, order.expand_as(Xq))
+    if batch[0].class_order is not None:
+        relabel = stack("class_order")
+        yc, yq = relabel.gather(1, yc), relabel.gather(1, yq)
+    return Xc, yc, Xq, yq
+
+
 def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
           on_record: Callable[[dict], None] | None = None) -> TrainResult:
@@ -125,16 +142,16 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         bar = progress.add_task("fine-tuning", total=total_steps, status="")
         for epoch in range(1, strategy.epochs + 1):
             module.train()
-            episodes = epoch_episodes(labels, n_rows, strategy.context_size, query_size, rng)
+            episodes = epoch_episodes(labels, n_rows, strategy.context_size, query_size, rng,
+                                      n_features=train_split.X.shape[1], n_classes=task.n_classes or None)
             batches = [episodes[i:i + strategy.batch_size] for i in range(0, len(episodes), strategy.batch_size)]
             optimizer.zero_grad(set_to_none=True)
             running = []
             for b, batch in enumerate(batches):
-                ctx = torch.as_tensor(np.stack([e.context for e in batch]), device=device)
-                qry = torch.as_tensor(np.stack([e.query for e in batch]), device=device)
+                Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device)
                 with autocast():
-                    out = adapter.episode_logits(module, X_all[ctx], y_all[ctx], X_all[qry], task)
-                    loss = adapter.episode_loss(out.float(), y_all[qry], task)
+                    out = adapter.episode_logits(module, Xc, yc, Xq, task)
+                    loss = adapter.episode_loss(out.float(), yq, task)
                 if not torch.isfinite(loss):
                     raise TabTuneError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
                                        f"lower strategy.learning_rate (now {strategy.learning_rate})")

@@ -1,0 +1,522 @@
+"""The engine: strategies, training, checkpoints, save/load, episodes and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+from safetensors.torch import load_file
+from tabicl._model.tabicl import TabICL
+
+from tabtune_cli import TabTuneError, TabularPipeline
+from tabtune_cli.config import LoraSettings, ModelConfig
+from tabtune_cli.models.base import Task
+from tabtune_cli.models.registry import get_adapter
+from tabtune_cli.models.tabicl import TabICLAdapter
+from tabtune_cli.tuning import lora
+from tabtune_cli.tuning.episodes import epoch_episodes
+
+from conftest import SEED, TINY_MODEL, TUNE_PARAMS, fit_pipeline, make_table
+
+CPU = torch.device("cpu")
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def initial_module(pipe) -> torch.nn.Module:
+    """The module ``pipe.fit`` started from: fit seeds torch with ``pipe.seed`` right before building."""
+    torch.manual_seed(pipe.seed)
+    module, _ = get_adapter("tabicl").build(pipe.model_config_, pipe.task_)
+    return module
+
+
+def base_weights(module) -> dict[str, torch.Tensor]:
+    """State dict of the underlying model under its own key names (peft's wrapping and adapters removed)."""
+    if not isinstance(module, PeftModel):
+        return dict(module.state_dict())
+    out = {}
+    for key, value in module.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.removeprefix("base_model.model.").replace(".base_layer", "")] = value
+    return out
+
+
+def lora_weights(module: PeftModel) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if "lora_" in k}
+
+
+def changed_keys(a: dict, b: dict) -> list[str]:
+    assert set(a) == set(b)
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def noisy_tiny_module(seed: int = 1):
+    """A tiny TabICL whose all-zero tensors (biases, ssmax output layers) hold small noise, like trained weights."""
+    torch.manual_seed(seed)
+    adapter = TabICLAdapter()
+    module, architecture = adapter.build(ModelConfig(pretrained=False, size="tiny"), Task("classification", 2))
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point() and not tensor.any():
+                tensor.normal_(0.0, 0.05)
+    assert not any(t.is_floating_point() and not t.any() for t in module.state_dict().values())
+    return adapter, module, architecture
+
+
+def toy_inputs(n_context=40, n_query=10, n_features=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(1, n_context + n_query, n_features, generator=g)
+    y = (X[0, :n_context, 0] > 0).float()[None]
+    return X, y
+
+
+# ---- 1. strategy invariants ------------------------------------------------------------------
+def test_rebuilding_with_the_fit_seed_reproduces_the_start_and_another_seed_does_not(fitted):
+    pipe = fitted["inference"]
+    a, b = initial_module(pipe), initial_module(pipe)
+    assert changed_keys(a.state_dict(), b.state_dict()) == []
+    torch.manual_seed(pipe.seed + 1)
+    other, _ = get_adapter("tabicl").build(pipe.model_config_, pipe.task_)
+    assert changed_keys(a.state_dict(), other.state_dict()), "a different seed should give different weights"
+
+
+def test_inference_changes_no_weight(fitted):
+    pipe = fitted["inference"]
+    assert pipe.train_result_ is None
+    assert changed_keys(base_weights(pipe.module_), initial_module(pipe).state_dict()) == []
+    assert not any(p.requires_grad for p in pipe.module_.parameters())
+
+
+def test_base_ft_changes_weights(fitted):
+    pipe = fitted["base-ft"]
+    start = initial_module(pipe).state_dict()
+    changed = changed_keys(base_weights(pipe.module_), start)
+    # every trainable tensor with a gradient moves under AdamW; a handful of changes would mean a frozen model
+    assert len(changed) > len(start) // 2
+    assert any(k.startswith("icl_predictor.decoder") for k in changed)
+    assert any(k.startswith("col_embedder") for k in changed)
+
+
+def test_peft_changes_only_lora_weights(fitted):
+    pipe = fitted["peft"]
+    module = pipe.module_
+    assert isinstance(module, PeftModel)
+    # base weights bitwise equal to the start
+    assert changed_keys(base_weights(module), initial_module(pipe).state_dict()) == []
+    # only adapter weights are trainable, and training moved them (lora_B starts at zero)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    lora_b = {k: v for k, v in lora_weights(module).items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())
+
+
+def test_lora_covers_attention_in_proj_and_out_proj():
+    adapter, module, _ = noisy_tiny_module()
+    attention_modules = [n for n, m in module.named_modules() if type(m).__name__ == "LiveOutProjAttention"]
+    peft_model = lora.wrap(adapter, module, LoraSettings())
+    wrappers = {n for n, m in peft_model.named_modules() if isinstance(m, ParamWrapper)}
+    assert all(m.parameter_name == "in_proj_weight" for n, m in peft_model.named_modules()
+               if isinstance(m, ParamWrapper))
+    out_projs = {n for n, m in peft_model.named_modules()
+                 if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper) and n.endswith(".out_proj")}
+    # every attention under the default prefixes: one packed in_proj adapter and one out_proj adapter
+    assert len(attention_modules) == 5
+    assert {n.removeprefix("base_model.model.") for n in wrappers} == set(attention_modules)
+    assert {n.removeprefix("base_model.model.").replace(".base_layer", "") for n in out_projs} == \
+        {f"{n}.out_proj" for n in attention_modules}
+
+
+def test_every_lora_adapter_is_live():
+    """Perturbing any single adapter's lora_B changes the model output (none is dead weight)."""
+    adapter, module, _ = noisy_tiny_module()
+    peft_model = lora.wrap(adapter, module, LoraSettings())
+    peft_model.eval()
+    X, y = toy_inputs()
+    with torch.no_grad():
+        baseline = peft_model(X, y)
+        lora_bs = [(n, p) for n, p in peft_model.named_parameters() if "lora_B" in n]
+        assert len(lora_bs) == 22  # 5 attentions x (in_proj, out_proj) + 5 FFNs x 2 + decoder x 2
+        assert any("out_proj" in n for n, _ in lora_bs) and any(n.endswith("attn.lora_B.default.weight")
+                                                                 for n, _ in lora_bs)
+        dead = []
+        for name, param in lora_bs:
+            assert not param.any()  # peft starts B at zero: the wrapped model equals the base model
+            param.normal_(0.0, 0.5)
+            if torch.allclose(peft_model(X, y), baseline, atol=1e-6, rtol=0):
+                dead.append(name)
+            param.zero_()
+        assert torch.equal(peft_model(X, y), baseline)
+    assert dead == []
+
+
+def test_live_attention_matches_official_tabicl_forward():
+    """Routing out_proj through its own forward keeps TabICL's maths: same outputs as the official model."""
+    _, module, architecture = noisy_tiny_module()
+    official = TabICL(**architecture)
+    official.load_state_dict(module.state_dict())
+    module.eval(), official.eval()
+    X, y = toy_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(module(X, y), official(X, y), atol=1e-5, rtol=1e-5)
+    # and in training mode (the fine-tuning forward)
+    module.train(), official.train()
+    torch.testing.assert_close(module(X, y), official(X, y), atol=1e-5, rtol=1e-5)
+
+
+# ---- 2. training learns ------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["base-ft", "peft"])
+def test_training_lowers_validation_and_test_log_loss(fitted, split, strategy):
+    _, _, X_test, y_test = split
+    pipe, start = fitted[strategy], fitted["inference"]
+    r = pipe.train_result_
+    assert r.epochs_run == TUNE_PARAMS[strategy]["epochs"] and r.best_epoch >= 1
+    assert r.best_val < r.val_before - 0.1
+    history = [h["val_log_loss"] for h in r.history if "val_log_loss" in h]
+    assert history[0] == r.val_before and min(history[1:]) == r.best_val
+    # both strategies start from the same weights (same seed), so their starting validation loss agrees
+    assert r.val_before == pytest.approx(fitted["peft" if strategy == "base-ft" else "base-ft"].train_result_.val_before)
+    tuned, untuned = pipe.evaluate(X_test, y_test), start.evaluate(X_test, y_test)
+    assert tuned["log_loss"] < untuned["log_loss"] - 0.1
+    assert tuned["accuracy"] > untuned["accuracy"]
+
+
+def test_best_epoch_weights_are_restored(fitted):
+    """After training, the pipeline's weights are the best epoch's: re-validating reproduces best_val."""
+    from tabtune_cli.tuning.trainer import Split, validate
+
+    pipe = fitted["base-ft"]
+    X, y = make_table()
+    X_train, y_train = X.iloc[:240], y.iloc[:240]
+    # the same hold-out fit() made (seeded split), rebuilt through the public objects
+    from tabtune_cli.data.split import split_frame
+    rest, held = split_frame(X_train.assign(__target__=y_train.to_numpy()), "__target__", fraction=0.1,
+                             stratify=True, seed=SEED)
+    train = Split(pipe.preprocessor_.transform(rest.drop(columns="__target__")),
+                  pipe.label_encoder_.transform(rest["__target__"]))
+    val = Split(pipe.preprocessor_.transform(held.drop(columns="__target__")),
+                pipe.label_encoder_.transform(held["__target__"]))
+    np.testing.assert_array_equal(train.X, pipe.context_X_)
+    again = validate(pipe.adapter_, pipe.module_, pipe.task_, train, val, pipe.model_config_, CPU, SEED)
+    assert again == pytest.approx(pipe.train_result_.best_val, abs=1e-6)
+
+
+def test_predict_and_evaluate_agree_with_predict_proba(fitted, split):
+    _, _, X_test, y_test = split
+    pipe = fitted["base-ft"]
+    proba = pipe.predict_proba(X_test)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    labels = pipe.predict(X_test)
+    np.testing.assert_array_equal(labels, np.asarray(pipe.classes_)[proba.argmax(axis=1)])
+    metrics = pipe.evaluate(X_test, y_test)
+    assert metrics["accuracy"] == pytest.approx(np.mean(labels == y_test.to_numpy()))
+    codes = (y_test.to_numpy() == "yes").astype(int)  # classes_ are sorted: ["no", "yes"]
+    assert list(pipe.classes_) == ["no", "yes"]
+    expected_ll = -np.mean(np.log(np.clip(proba[np.arange(len(codes)), codes], 1e-15, 1)))
+    assert metrics["log_loss"] == pytest.approx(expected_ll, rel=1e-4)
+
+
+# ---- 3a. official checkpoints ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    architecture = {**TabICLAdapter.sizes["tiny"], "max_classes": 10, "zero_init": False}
+    torch.manual_seed(123)
+    model = TabICL(**architecture)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and not tensor.any():
+                tensor.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tabicl-tiny.ckpt"
+    torch.save({"config": architecture, "state_dict": model.state_dict()}, path)
+    return path, architecture, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_official_checkpoint_loads_and_predicts_like_the_official_model(official_checkpoint, split):
+    path, architecture, state = official_checkpoint
+    X_train, y_train, X_test, _ = split
+    pipe = TabularPipeline(model_params={"checkpoint": str(path), "pretrained": True, "n_estimators": 1},
+                           tuning_params={"show_progress": False}, device="cpu", seed=SEED).fit(X_train, y_train)
+    assert pipe.architecture_ == architecture
+    assert changed_keys(pipe.module_.state_dict(), state) == []
+
+    official = TabICL(**architecture)
+    official.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    official.eval()
+    Xq = pipe.preprocessor_.transform(X_test)
+    X = torch.as_tensor(np.concatenate([pipe.context_X_, Xq]))[None]
+    y = torch.as_tensor(pipe.context_y_, dtype=torch.float32)[None]
+    with torch.no_grad():
+        expected = official(X, y, return_logits=False, softmax_temperature=pipe.model_config_.softmax_temperature)[0]
+    got = pipe.predict_proba(X_test)
+    np.testing.assert_allclose(got, expected.float().numpy(), atol=1e-5)
+    assert np.ptp(got[:, 1]) > 1e-3  # not a constant output: the comparison has teeth
+
+
+def test_checkpoint_pipeline_save_load_reads_the_checkpoint_again(official_checkpoint, split, tmp_path):
+    path, _, _ = official_checkpoint
+    X_train, y_train, X_test, _ = split
+    pipe = TabularPipeline(model_params={"checkpoint": str(path), "pretrained": True, "n_estimators": 1},
+                           tuning_params={"show_progress": False}, device="cpu", seed=SEED).fit(X_train, y_train)
+    pipe.save(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / "pipeline.json").read_text())
+    assert meta["base_weights"] == "checkpoint" and not (tmp_path / "saved" / "model.safetensors").exists()
+    np.testing.assert_array_equal(TabularPipeline.load(tmp_path / "saved").predict_proba(X_test),
+                                  pipe.predict_proba(X_test))
+
+
+def test_checkpoint_without_config_is_refused_naming_the_file(tmp_path, split):
+    X_train, y_train, _, _ = split
+    path = tmp_path / "weights-only.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(TabTuneError, match="config") as err:
+        TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X_train, y_train)
+    assert str(path) in str(err.value)
+
+
+def test_checkpoint_that_is_not_a_torch_file_is_refused_naming_the_file(tmp_path, split):
+    X_train, y_train, _, _ = split
+    path = tmp_path / "notes.ckpt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(TabTuneError, match="not a TabICL checkpoint") as err:
+        TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X_train, y_train)
+    assert str(path) in str(err.value)
+
+
+def test_missing_checkpoint_file_is_named(tmp_path, split):
+    X_train, y_train, _, _ = split
+    path = tmp_path / "nowhere.ckpt"
+    with pytest.raises(TabTuneError, match="no such file") as err:
+        TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X_train, y_train)
+    assert str(path) in str(err.value)
+
+
+def test_regression_checkpoint_for_a_classification_task_is_refused(tmp_path, split):
+    X_train, y_train, _, _ = split
+    architecture = {**TabICLAdapter.sizes["tiny"], "max_classes": 0}
+    path = tmp_path / "regressor.ckpt"
+    torch.save({"config": architecture, "state_dict": TabICL(**architecture).state_dict()}, path)
+    with pytest.raises(TabTuneError, match="regression checkpoint") as err:
+        TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X_train, y_train)
+    assert str(path) in str(err.value)
+
+
+def test_checkpoint_whose_weights_do_not_match_its_config_is_refused(tmp_path, split):
+    X_train, y_train, _, _ = split
+    tiny = {**TabICLAdapter.sizes["tiny"], "max_classes": 10}
+    path = tmp_path / "mismatch.ckpt"
+    torch.save({"config": {**tiny, "embed_dim": 32}, "state_dict": TabICL(**tiny).state_dict()}, path)
+    with pytest.raises(TabTuneError, match="do not match") as err:
+        TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X_train, y_train)
+    assert str(path) in str(err.value)
+
+
+# ---- 3b/3c. save and load ------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["inference", "base-ft", "peft"])
+def test_save_load_round_trip_gives_identical_probabilities(fitted, split, tmp_path, strategy):
+    _, _, X_test, y_test = split
+    pipe = fitted[strategy]
+    folder = pipe.save(tmp_path / strategy)
+    loaded = TabularPipeline.load(folder)
+    np.testing.assert_array_equal(loaded.predict_proba(X_test), pipe.predict_proba(X_test))
+    np.testing.assert_array_equal(loaded.predict(X_test), pipe.predict(X_test))
+    assert list(loaded.classes_) == list(pipe.classes_)
+    assert loaded.evaluate(X_test, y_test)["log_loss"] == pipe.evaluate(X_test, y_test)["log_loss"]
+    assert loaded.tuning_strategy == strategy
+
+
+@pytest.mark.parametrize("strategy", ["inference", "base-ft", "peft"])
+def test_saved_folder_holds_no_pickle(fitted, tmp_path, strategy):
+    folder = fitted[strategy].save(tmp_path / strategy)
+    files = sorted(p.name for p in Path(folder).rglob("*") if p.is_file())
+    allowed = [f for f in files if f.endswith((".json", ".safetensors")) or (strategy == "peft" and f == "README.md")]
+    assert files == allowed, f"unexpected files: {sorted(set(files) - set(allowed))}"
+    assert "pipeline.json" in files and "preprocessor.json" in files and "context.safetensors" in files
+    if strategy == "peft":
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    for name in files:
+        head = (Path(folder) / name).read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{name} looks like a pickle / torch zip"
+    for name in (f for f in files if f.endswith(".json")):
+        json.loads((Path(folder) / name).read_text())  # plain JSON, nothing else
+
+
+def test_load_of_a_folder_without_pipeline_json_names_it(tmp_path):
+    with pytest.raises(TabTuneError, match="pipeline.json") as err:
+        TabularPipeline.load(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_peft_adapters_load_with_peft_own_loader(fitted, split, tmp_path):
+    _, _, X_test, _ = split
+    pipe = fitted["peft"]
+    folder = pipe.save(tmp_path / "peft")
+    meta = json.loads((folder / "pipeline.json").read_text())
+    adapter = TabICLAdapter()
+    base = adapter.from_architecture(meta["architecture"])
+    base.load_state_dict(load_file(folder / "model.safetensors"))
+    Xq = pipe.preprocessor_.transform(X_test)
+    args = (pipe.context_X_, pipe.context_y_, Xq, pipe.task_, pipe.model_config_, CPU)
+    without_adapters = adapter.predict(base, *args)
+
+    restored = PeftModel.from_pretrained(base, str(folder))
+    got = adapter.predict(restored, *args)
+    np.testing.assert_allclose(got, adapter.predict(pipe.module_, *args), atol=1e-6)
+    np.testing.assert_allclose(got, pipe.predict_proba(X_test), atol=1e-6)
+    # the adapters matter: without them the outputs are those of the untrained start
+    assert np.abs(got - without_adapters).max() > 1e-3
+    np.testing.assert_allclose(without_adapters, fitted["inference"].predict_proba(X_test), atol=1e-6)
+
+
+# ---- 4. episodes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_rows,context_size,query_size,n_classes",
+                         [(216, 64, 32, 2), (100, 128, 48, 3), (57, 20, 10, 5), (10, 64, 64, 2)])
+def test_episodes_are_disjoint_cover_every_row_and_hold_every_class(n_rows, context_size, query_size, n_classes):
+    rng_labels = np.random.default_rng(7)
+    labels = np.concatenate([np.arange(n_classes), rng_labels.integers(0, n_classes, n_rows - n_classes)])
+    labels = rng_labels.permutation(labels)
+    episodes = epoch_episodes(labels, n_rows, context_size, query_size, np.random.default_rng(0))
+    q = min(query_size, n_rows // 2)
+    queried = np.zeros(n_rows, dtype=int)
+    for e in episodes:
+        assert len(e.query) == q and len(set(e.query)) == q
+        assert len(e.context) == min(context_size, n_rows - q) and len(set(e.context)) == len(e.context)
+        assert set(e.context).isdisjoint(e.query)
+        assert e.context.min() >= 0 and e.context.max() < n_rows
+        # every class that has rows outside this query is in the context
+        assert set(labels[e.context]) == set(np.delete(labels, e.query))
+        queried[e.query] += 1
+    assert (queried >= 1).all()
+    assert len(episodes) == -(-n_rows // q)
+
+
+def test_episodes_without_labels_are_disjoint_and_cover_every_row():
+    episodes = epoch_episodes(None, 90, 30, 20, np.random.default_rng(3))
+    seen = set()
+    for e in episodes:
+        assert set(e.context).isdisjoint(e.query) and len(e.context) == 30
+        seen |= set(e.query)
+    assert seen == set(range(90))
+
+
+def test_episodes_stratified_context_keeps_a_rare_class():
+    labels = np.zeros(200, dtype=int)
+    labels[:2] = 1  # two rows of a rare class
+    for seed in range(20):
+        for e in epoch_episodes(labels, 200, 16, 32, np.random.default_rng(seed)):
+            outside = np.setdiff1d(np.arange(2), e.query)
+            if len(outside):
+                assert 1 in labels[e.context]
+
+
+def test_episodes_same_seed_same_episodes_other_seed_different():
+    labels = np.random.default_rng(0).integers(0, 3, 150)
+    a = epoch_episodes(labels, 150, 64, 32, np.random.default_rng(11))
+    b = epoch_episodes(labels, 150, 64, 32, np.random.default_rng(11))
+    c = epoch_episodes(labels, 150, 64, 32, np.random.default_rng(12))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.context, y.context)
+        np.testing.assert_array_equal(x.query, y.query)
+    assert any(not np.array_equal(x.query, z.query) for x, z in zip(a, c))
+
+
+def test_episodes_need_two_rows():
+    with pytest.raises(ValueError, match="two"):
+        epoch_episodes(np.array([0]), 1, 4, 4, np.random.default_rng(0))
+
+
+# ---- 5. errors -------------------------------------------------------------------------------
+def test_unknown_tuning_param_is_named(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="'epochz'"):
+        TabularPipeline(tuning_params={"epochz": 3}, model_params=TINY_MODEL).fit(X_train, y_train)
+
+
+def test_wrong_typed_tuning_param_is_named(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="learning_rate"):
+        TabularPipeline(tuning_strategy="base-ft", tuning_params={"learning_rate": "fast"},
+                        model_params=TINY_MODEL).fit(X_train, y_train)
+
+
+def test_unknown_strategy_lists_the_known_ones(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="'lora-ft'.*inference, base-ft, peft"):
+        TabularPipeline(tuning_strategy="lora-ft", model_params=TINY_MODEL).fit(X_train, y_train)
+
+
+def test_unknown_model_is_named(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="unknown model 'tabpfn-x'.*tabicl"):
+        TabularPipeline(model_name="tabpfn-x", model_params=TINY_MODEL).fit(X_train, y_train)
+
+
+@pytest.mark.parametrize("strategy", ["inference", "base-ft"])
+def test_single_class_target_is_refused_naming_the_target(split, strategy):
+    X_train, _, _, _ = split
+    y = pd.Series(["yes"] * len(X_train), name="churn")
+    with pytest.raises(TabTuneError, match="target 'churn' has a single class"):
+        fit_pipeline(strategy, X_train, y)
+
+
+def test_empty_table_is_refused(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="X is empty"):
+        TabularPipeline(model_params=TINY_MODEL).fit(X_train.iloc[:0], y_train.iloc[:0])
+
+
+def test_missing_target_values_are_counted(split):
+    X_train, y_train, _, _ = split
+    y = y_train.astype(object).copy()
+    y.iloc[[3, 5, 8]] = None
+    with pytest.raises(TabTuneError, match="3 missing values"):
+        TabularPipeline(model_params=TINY_MODEL).fit(X_train, y)
+
+
+def test_fine_tuning_more_than_ten_classes_is_refused_before_training():
+    X, _ = make_table(n=240, seed=3)
+    y = pd.Series([f"c{i % 12}" for i in range(len(X))], name="label")
+    records = []
+    for strategy in ("base-ft", "peft"):
+        with pytest.raises(TabTuneError, match="10 wide but the target has 12 classes.*strategy=inference"):
+            TabularPipeline(tuning_strategy=strategy, tuning_params=TUNE_PARAMS[strategy], model_params=TINY_MODEL,
+                            device="cpu").fit(X, y, on_record=records.append)
+    assert records == []  # not a single validation pass or step ran
+
+
+def test_inference_handles_more_than_ten_classes():
+    X, _ = make_table(n=240, seed=3)
+    y = pd.Series([f"c{i % 12:02d}" for i in range(len(X))], name="label")
+    pipe = TabularPipeline(model_params=TINY_MODEL, tuning_params={"show_progress": False}, device="cpu").fit(X, y)
+    proba = pipe.predict_proba(X.iloc[:20])
+    assert proba.shape == (20, 12)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert set(pipe.predict(X.iloc[:20])) <= set(y)
+
+
+def test_predict_before_fit_is_refused(split):
+    _, _, X_test, y_test = split
+    pipe = TabularPipeline(model_params=TINY_MODEL)
+    for call in (lambda: pipe.predict(X_test), lambda: pipe.predict_proba(X_test),
+                 lambda: pipe.evaluate(X_test, y_test), lambda: pipe.save("unused")):
+        with pytest.raises(TabTuneError, match="not fitted yet"):
+            call()
+
+
+def test_unseen_label_at_evaluate_is_named(fitted, split):
+    _, _, X_test, y_test = split
+    y = y_test.copy()
+    y.iloc[0] = "maybe"
+    with pytest.raises(TabTuneError, match="'maybe' was not seen in training"):
+        fitted["inference"].evaluate(X_test, y)
+
+
+def test_missing_feature_column_at_predict_is_named(fitted, split):
+    _, _, X_test, _ = split
+    with pytest.raises(TabTuneError, match="column 'f3' is missing"):
+        fitted["inference"].predict(X_test.drop(columns="f3"))

@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .errors import TabTuneError  # noqa: E402
-from .pipeline import TabularPipeline  # noqa: E402
-
 __all__ = ["TabularPipeline", "TabTuneError", "__version__"]
+
+
+def __getattr__(name):
+    # lazy, so that `tabtune --help` and config errors answer without importing torch and peft
+    if name == "TabularPipeline":
+        from .pipeline import TabularPipeline
+
+        return TabularPipeline
+    if name == "TabTuneError":
+        from .errors import TabTuneError
+
+        return TabTuneError
+    raise AttributeError(f"module 'tabtune_cli' has no attribute {name!r}")

@@ -18,7 +18,6 @@ from ..data.dataset import load_dataset
 from ..errors import TabTuneError
 from ..hydra_conf import compose_train, conf_dir, expand_sweeps, one_line, register
 from ..models.registry import get_adapter
-from ..pipeline import TabularPipeline
 
 log = logging.getLogger("tabtune")
 HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
@@ -110,6 +109,8 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> dict:
+    from ..pipeline import TabularPipeline
+
     log.info("dataset %s: %d train, %d val, %d test rows; task %s", data.name, len(data.train), len(data.val),
              len(data.test), data.task)
     X_train, y_train = data.train.drop(columns=data.target), data.train[data.target]
@@ -140,7 +141,7 @@ def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> dict
     return metrics
 
 
-def _predictions(pipeline: TabularPipeline, X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
+def _predictions(pipeline, X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
     out = pd.DataFrame({"row": X.index.astype(str), "target": y.to_numpy()})
     if pipeline.task_.is_classification:
         proba = pipeline.predict_proba(X)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import pandas as pd
-from sklearn import datasets as skd
 
 from ..errors import TabTuneError
 
-# name -> (loader, task)
+# name -> (scikit-learn loader, task)
 BUILTIN = {
-    "breast_cancer": (skd.load_breast_cancer, "classification"),
-    "wine": (skd.load_wine, "classification"),
-    "iris": (skd.load_iris, "classification"),
-    "digits": (skd.load_digits, "classification"),
-    "diabetes": (skd.load_diabetes, "regression"),
+    "breast_cancer": ("load_breast_cancer", "classification"),
+    "wine": ("load_wine", "classification"),
+    "iris": ("load_iris", "classification"),
+    "digits": ("load_digits", "classification"),
+    "diabetes": ("load_diabetes", "regression"),
 }
 
 TARGET = "target"
@@ -23,8 +22,9 @@ def load_builtin(name: str) -> pd.DataFrame:
     """Return the built-in table ``name`` with its label in the column ``target``."""
     if name not in BUILTIN:
         raise TabTuneError(f"unknown built-in dataset {name!r} (available: {', '.join(sorted(BUILTIN))})")
-    loader, _ = BUILTIN[name]
-    bunch = loader(as_frame=True)
+    from sklearn import datasets
+
+    bunch = getattr(datasets, BUILTIN[name][0])(as_frame=True)
     frame = bunch.frame.copy()
     if bunch.get("target_names") is not None and BUILTIN[name][1] == "classification":
         names = list(bunch.target_names)

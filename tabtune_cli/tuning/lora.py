@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..config import LoraSettings
@@ -10,8 +9,10 @@ from ..errors import TabTuneError
 from ..models.base import ModelAdapter
 
 
-def lora_config(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings) -> LoraConfig:
+def lora_config(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings):
     """Return the peft LoraConfig that puts adapters on this model's chosen modules and packed parameters."""
+    from peft import LoraConfig  # peft imports transformers: seconds, so only when LoRA is used
+
     target_modules, target_parameters = adapter.lora_targets(module, settings.target_modules)
     if not target_modules and not target_parameters:
         raise TabTuneError("lora.target_modules: no LoRA-capable layer under the given prefixes")
@@ -25,14 +26,18 @@ def lora_config(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings
                       bias=settings.bias, modules_to_save=settings.modules_to_save)
 
 
-def wrap(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings) -> PeftModel:
+def wrap(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings):
     """Return ``module`` with LoRA adapters; only adapter (and ``modules_to_save``) weights train."""
+    from peft import get_peft_model
+
     try:
         return get_peft_model(module, lora_config(adapter, module, settings))
     except ValueError as exc:
         raise TabTuneError(f"lora: {str(exc).splitlines()[0]}") from None
 
 
-def load(module: nn.Module, path) -> PeftModel:
+def load(module: nn.Module, path):
     """Return ``module`` with the adapters saved at ``path`` (peft's own loader)."""
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(module, str(path))

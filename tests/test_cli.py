@@ -1,0 +1,236 @@
+"""The command line end to end: every shipped config, each strategy on built-in/CSV/Parquet data,
+bad input, sweeps, and an installed wheel run from another folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tabtune_cli import TabularPipeline, rundir
+from tabtune_cli.commands.train import plain_configs
+from tabtune_cli.errors import TabTuneError
+from tabtune_cli.hydra_conf import compose_train, conf_dir
+
+TABTUNE = [sys.executable, "-m", "tabtune_cli"]
+SMOKE = ["debug=smoke"]
+
+
+def tabtune(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*TABTUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("run.json"))
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+def shipped_options():
+    root = conf_dir()
+    return [(group.name, path.stem) for group in sorted(root.iterdir()) if group.is_dir()
+            for path in sorted(group.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", shipped_options())
+def test_every_shipped_config_composes_and_validates(group, option):
+    overrides = [f"{group}={option}", *SMOKE]
+    if group == "dataset" and option == "file":
+        overrides += ["dataset.path=table.csv", "dataset.target=label"]
+    cfg = compose_train(overrides)
+    adapter, model, strategy, lora, dataset, values = plain_configs(cfg)
+    assert values[group]["name"] == option if "name" in values.get(group, {}) else True
+    assert model.pretrained is False  # smoke: random tiny weights when no checkpoint is given
+    assert "${" not in yaml.safe_dump(values)
+
+
+def test_smoke_keeps_a_given_checkpoint_pretrained():
+    _, model, *_ = plain_configs(compose_train([*SMOKE, "model.checkpoint=some.ckpt"]))
+    assert model.pretrained is True and model.checkpoint == "some.ckpt"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("lora.rr=3", "'lora.rr'"),
+    ("lora.r=abc", "'lora.r'"),
+    ("strategy.optimizer=adam", "'strategy.optimizer'"),
+    ("model=foo", "unknown model 'foo'"),
+    ("strategy=bogus", "unknown strategy 'bogus'"),
+    ("strategy.epochs=0", "strategy.epochs"),
+])
+def test_config_errors_name_the_key_at_composition(override, expected):
+    with pytest.raises(TabTuneError, match=expected.replace("(", r"\(")) as err:
+        plain_configs(compose_train([*SMOKE, override]))
+    assert "\n" not in str(err.value)
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """A CSV and a Parquet copy of a small mixed-type table with a learnable label."""
+    root = tmp_path_factory.mktemp("tables")
+    rng = np.random.default_rng(0)
+    n = 240
+    frame = pd.DataFrame({"age": rng.normal(40, 10, n).round(), "income": rng.lognormal(10, 1, n),
+                          "city": rng.choice(["paris", "lyon", "nice"], n), "score": rng.normal(size=n)})
+    frame.loc[rng.choice(n, 20, replace=False), "income"] = np.nan
+    frame["label"] = np.where(frame["score"] + (frame["city"] == "lyon") > 0.3, "yes", "no")
+    frame.to_csv(root / "table.csv", index=False)
+    frame.to_parquet(root / "table.parquet")
+    return root
+
+
+def check_run(run_dir: Path, strategy: str) -> dict:
+    assert rundir.is_complete(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = metrics["test"]
+    for key in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "brier", "ece"):
+        assert 0.0 <= test[key] <= 2.0, key
+    assert test["log_loss"] > 0 and 0.0 <= test["roc_auc"] <= 1.0
+    assert metrics["rows"]["test"] == len(pd.read_parquet(run_dir / "predictions.parquet"))
+    assert metrics["total_params"] > 0
+    config = (run_dir / "config.yaml").read_text()
+    assert "${" not in config and f"name: {strategy}" in config
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"preprocessor.json", "history.jsonl", "train.log"} <= files if strategy != "inference" else True
+    if strategy == "inference":
+        assert metrics["trainable_params"] == 0 and "adapter_model.safetensors" not in files
+    if strategy == "base-ft":
+        assert metrics["trainable_params"] == metrics["total_params"] and "model.safetensors" in files
+    if strategy == "peft":
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+        assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    if strategy != "inference":
+        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        assert any("loss" in h for h in history) and any("val_log_loss" in h for h in history)
+    assert not any(p.suffix in (".pkl", ".pickle", ".pt") for p in run_dir.iterdir())
+    assert not list(run_dir.glob(".*partial"))
+    # the saved run reloads and reproduces its own test predictions
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    proba_cols = [c for c in predictions.columns if c.startswith("proba_")]
+    pipeline = TabularPipeline.load(run_dir)
+    assert pipeline.tuning_strategy == strategy
+    return metrics | {"_proba": predictions[proba_cols].to_numpy()}
+
+
+@pytest.mark.parametrize("source", ["builtin", "csv", "parquet"])
+def test_train_each_strategy_end_to_end(source, tables, tmp_path):
+    data = {"builtin": ["dataset=wine"],
+            "csv": [f"dataset.path={tables / 'table.csv'}", "dataset.target=label"],
+            "parquet": [f"dataset.path={tables / 'table.parquet'}", "dataset.target=label"]}[source]
+    result = tabtune("train", "-m", *SMOKE, "strategy=inference,base-ft,peft", *data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    dirs = run_dirs(tmp_path / "runs" / "multirun")
+    assert [d.name.split("_", 1)[1] for d in dirs] == ["tabicl_inference", "tabicl_base-ft", "tabicl_peft"]
+    for run_dir, strategy in zip(dirs, ["inference", "base-ft", "peft"]):
+        check_run(run_dir, strategy)
+    assert "run directory:" in result.stdout and "roc_auc" in result.stdout
+
+
+def test_a_saved_run_predicts_what_it_wrote(tables, tmp_path):
+    result = tabtune("train", *SMOKE, "strategy=peft", f"dataset.path={tables / 'table.csv'}",
+                     "dataset.target=label", "dataset.test_size=0.25", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    saved = pd.read_parquet(run_dir / "predictions.parquet")
+    frame = pd.read_csv(tables / "table.csv")
+    test_rows = frame.loc[saved["row"].astype(int)]
+    pipeline = TabularPipeline.load(run_dir)
+    proba = pipeline.predict_proba(test_rows.drop(columns="label"))
+    np.testing.assert_allclose(proba, saved[[f"proba_{c}" for c in pipeline.classes_]].to_numpy(), atol=1e-6)
+    assert list(pipeline.predict(test_rows.drop(columns="label"))) == list(saved["prediction"])
+
+
+def test_runs_in_the_same_second_never_share_a_directory(tmp_path):
+    first = rundir.create(tmp_path / "runs" / "x")
+    second = rundir.create(tmp_path / "runs" / "x")
+    assert first != second and second.name == "x_1"
+    assert json.loads((first / "run.json").read_text())["status"] == "running"
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.csv").write_text("a,b,label\n")
+    pd.DataFrame({"a": [1, 2, 3, 4], "label": ["x"] * 4}).to_csv(root / "one_class.csv", index=False)
+    pd.DataFrame({"a": [1, 2, 3, 4], "label": ["x", "y"] * 2}).to_csv(root / "ok.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["dataset.path=missing.csv", "dataset.target=label"], "missing.csv: no such file"),
+    (["dataset.path={root}/ok.csv", "dataset.target=nope"], "target column 'nope' not found"),
+    (["dataset.path={root}/empty.csv", "dataset.target=label"], "empty.csv: the table is empty"),
+    (["dataset.path={root}/one_class.csv", "dataset.target=label"], "single class"),
+    (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["strategy.learnign_rate=0.1"], "'strategy.learnign_rate'"),
+])
+def test_bad_input_is_one_line_and_leaves_no_finished_run(args, culprit, bad_tables, tmp_path):
+    args = [a.format(root=bad_tables) for a in args]
+    result = tabtune("train", *SMOKE, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0] and lines[0].startswith("tabtune: error:")
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not list(tmp_path.rglob("metrics.json"))
+    assert not [d for d in (tmp_path / "runs").rglob("*") if d.is_dir() and any(d.iterdir()) and
+                (d / "run.json").exists()] if (tmp_path / "runs").exists() else True
+
+
+def test_a_run_that_fails_midway_is_marked_failed_not_finished(tmp_path):
+    result = tabtune("train", *SMOKE, "strategy=base-ft", "strategy.learning_rate=1e12", "strategy.epochs=3",
+                     "strategy.max_grad_norm=null", cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert result.returncode == 2, result.stderr
+    assert manifest["status"] == "failed" and "diverged" in manifest["error"]
+    assert not (run_dir / "metrics.json").exists() and not rundir.is_complete(run_dir)
+
+
+def test_help_and_ls_list_what_exists(tmp_path):
+    top = tabtune("--help", cwd=tmp_path)
+    assert top.returncode == 0 and "train" in top.stdout and "ls" in top.stdout
+    train_help = tabtune("train", "--help", cwd=tmp_path)
+    assert "strategy: base-ft, inference, peft" in train_help.stdout
+    assert "model: tabicl" in train_help.stdout
+    listing = tabtune("ls", cwd=tmp_path, env={"COLUMNS": "200"})
+    for word in ("tabicl", "base-ft", "peft", "breast_cancer", "diabetes", "smoke"):
+        assert word in listing.stdout
+    unknown = tabtune("fly", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown command 'fly'" in unknown.stderr
+
+
+# ---- installed wheel -------------------------------------------------------------------------
+
+def test_installed_wheel_runs_from_another_folder(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(repo)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("tabtune_cli-*.whl")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import tabtune_cli, tabtune_cli.hydra_conf as h;"
+                            "print(tabtune_cli.__file__); print(h.conf_dir())"],
+                           cwd=elsewhere, capture_output=True, text=True, env=env)
+    module_file, config_dir = where.stdout.split()
+    assert module_file.startswith(str(target)) and config_dir == str(target / "tabtune_cli" / "conf")
+    result = subprocess.run([str(target / "bin" / "tabtune"), "train", *SMOKE, "dataset=iris"], cwd=elsewhere,
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(elsewhere / "runs")
+    assert rundir.is_complete(run_dir) and json.loads((run_dir / "metrics.json").read_text())["rows"]["test"] == 30

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,17 +175,22 @@ def bad_tables(tmp_path_factory):
     (["dataset.path={root}/one_class.csv", "dataset.target=label"], "single class"),
     (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
     (["strategy.learnign_rate=0.1"], "'strategy.learnign_rate'"),
+    (["model.checkpoint={root}/nope.ckpt"], "model.checkpoint: no such file"),
+    (["model.pretrained=true"], "pass model.checkpoint=/path/to/tabicl-classifier-v2-20260212.ckpt"),
+    (["model.pretrained=true", "model.allow_download=true"], "tabicl-classifier-v2-20260212.ckpt"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_finished_run(args, culprit, bad_tables, tmp_path):
     args = [a.format(root=bad_tables) for a in args]
-    result = tabtune("train", *SMOKE, *args, cwd=tmp_path)
+    # offline (or pointed at an unreachable hub), a missing checkpoint must fail at once
+    started = time.monotonic()
+    result = tabtune("train", *SMOKE, *args, cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"})
+    assert time.monotonic() - started < 60
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and culprit in lines[0] and lines[0].startswith("tabtune: error:")
     assert "Traceback" not in result.stderr + result.stdout
-    assert not list(tmp_path.rglob("metrics.json"))
-    assert not [d for d in (tmp_path / "runs").rglob("*") if d.is_dir() and any(d.iterdir()) and
-                (d / "run.json").exists()] if (tmp_path / "runs").exists() else True
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("run.json"))
 
 
 def test_a_run_that_fails_midway_is_marked_failed_not_finished(tmp_path):

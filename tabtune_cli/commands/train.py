@@ -17,6 +17,7 @@ from ..config import DatasetConfig, LoraSettings, StrategyConfig, check_strategy
 from ..data.dataset import load_dataset
 from ..errors import TabTuneError
 from ..hydra_conf import compose_train, conf_dir, expand_sweeps, one_line, register
+from ..models.base import Task
 from ..models.registry import get_adapter
 
 log = logging.getLogger("tabtune")
@@ -39,6 +40,11 @@ def plain_configs(cfg: DictConfig):
     if not model.pretrained and model.size not in adapter.sizes:
         raise TabTuneError(f"model.size: unknown size {model.size!r} for {adapter.name} "
                            f"(known: {', '.join(adapter.sizes)})")
+    if strategy.mixed_precision.value == "fp16" and strategy.name.value != "inference":
+        import torch
+
+        if values["device"] == "cpu" or not torch.cuda.is_available():
+            raise TabTuneError("strategy.mixed_precision=fp16 needs a CUDA device (use bf16 or no on CPU)")
     if dataset.task.value != "auto" and dataset.task.value not in adapter.tasks:
         raise TabTuneError(f"model {adapter.name!r} does not support {dataset.task.value} "
                            f"(it supports: {', '.join(adapter.tasks)})")
@@ -79,6 +85,8 @@ def execute(cfg: DictConfig) -> dict:
     try:
         adapter, model, strategy, lora, dataset, values = plain_configs(cfg)
         data = load_dataset(dataset, values["seed"])
+        # a missing checkpoint is the user's to fix: say so before a run directory exists
+        adapter.checkpoint_file(model, Task(data.task))
     except TabTuneError:
         _remove_if_empty(target_dir)
         raise
@@ -102,10 +110,12 @@ def execute(cfg: DictConfig) -> dict:
 
 
 def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+    """Take back the folder Hydra made for a run that never started (and its date folder, if now empty)."""
+    for folder in (path, path.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> dict:

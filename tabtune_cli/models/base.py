@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -36,6 +38,15 @@ class ModelAdapter:
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     max_classes: ClassVar[int | None] = None   # widest head; None = unlimited
     sizes: ClassVar[dict[str, dict]] = {}      # named random-weight sizes
+    repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
+    checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
+
+    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+        """The local checkpoint ``build`` will load (None for random weights); errors before any run starts."""
+        if not config.pretrained:
+            return None
+        return resolve_checkpoint(config, repo_id=self.repo_id, filename=self.checkpoints[task.kind],
+                                  model_title=self.title)
 
     # -- building ----------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task) -> tuple[nn.Module, dict]:
@@ -101,8 +112,12 @@ def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, mode
             f"https://huggingface.co/{repo_id} and pass model.checkpoint=/path/to/{filename}")
     if not config.allow_download:
         raise TabTuneError(hint + ", or set model.allow_download=true")
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:  # fail in seconds when offline, instead of the Hub client's minute of retries
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        raise TabTuneError(f"{hint} (no network: cannot reach {host}: {exc})") from None
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:

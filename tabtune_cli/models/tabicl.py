@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, resolve_checkpoint, under_prefixes
+from .base import ModelAdapter, Task, class_shift_probs, under_prefixes
 
 REPO_ID = "jingang/TabICL"
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -68,6 +68,8 @@ class TabICLAdapter(ModelAdapter):
     title = "TabICL"
     tasks = ("classification", "regression")
     max_classes = 10
+    repo_id = REPO_ID
+    checkpoints = CHECKPOINTS
     sizes = {
         "tiny": dict(embed_dim=16, col_num_blocks=1, col_nhead=2, col_num_inds=8, row_num_blocks=1, row_nhead=2,
                      row_num_cls=2, icl_num_blocks=2, icl_nhead=2, num_quantiles=99),
@@ -85,7 +87,7 @@ class TabICLAdapter(ModelAdapter):
             architecture = {**self.sizes[config.size], "max_classes": self.max_classes if task.is_classification else 0,
                             "zero_init": False}
             return self.from_architecture(architecture), architecture
-        path = resolve_checkpoint(config, repo_id=REPO_ID, filename=CHECKPOINTS[task.kind], model_title=self.title)
+        path = self.checkpoint_file(config, task)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -97,6 +97,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
           on_record: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune the trainable parameters of ``module`` in place; return what happened."""
+    _autocast(strategy.mixed_precision.value, device)  # reject fp16 on CPU before any work
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TabTuneError("nothing to train: the model has no trainable parameters")
@@ -114,7 +115,6 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         optimizer, _schedule(strategy.scheduler.value, strategy.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler("cuda") if strategy.mixed_precision.value == "fp16" else None
     autocast = lambda: _autocast(strategy.mixed_precision.value, device)  # noqa: E731
-    autocast()  # reject fp16 on CPU before any work
 
     history: list[dict] = []
 

@@ -16,15 +16,16 @@ commands:
   train   run one job (or a sweep with -m): tabtune train model=tabicl strategy=peft dataset=iris
           `tabtune train --help` shows the config groups and their options
   ls      list models, strategies, built-in datasets and presets
+  pretrain  pretrain the embedded nano model on synthetic tables (conf/pretrain.yaml; resumes)
 
 Errors print one line; set TABTUNE_DEBUG=1 for the full traceback.
 """
 
 
 def _commands():
-    from .commands import ls, train
+    from .commands import ls, pretrain, train
 
-    return {"train": train.run, "ls": ls.run}
+    return {"train": train.run, "ls": ls.run, "pretrain": pretrain.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 MANIFEST = "run.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def create(path: str | Path) -> Path:
@@ -43,6 +45,7 @@ def _atomic(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files are as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

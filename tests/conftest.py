@@ -14,11 +14,13 @@ import torch
 # random-weight tiny TabICL, one ensemble member: deterministic and quick
 TINY_MODEL = {"pretrained": False, "size": "tiny", "n_estimators": 1}
 
-# small episodes; settings under which the tiny model visibly learns the fixture's rule in 5 epochs
+# Small episodes, one per step. Training relabels classes and permutes features in every episode, so a
+# random-weight model cannot memorise the rule; in 5 epochs it learns to read the class balance from the
+# context (validation log loss falls from ~0.75 to ~0.45 on the fixture's 20/80 table).
 TUNE_PARAMS = {
-    "base-ft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 3e-3,
+    "base-ft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 1e-3,
                 "scheduler": "constant", "show_progress": False},
-    "peft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 1e-2,
+    "peft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 3e-3,
              "scheduler": "constant", "show_progress": False},
     "inference": {"show_progress": False},
 }
@@ -31,17 +33,17 @@ N_TRAIN = 240
 torch.set_num_threads(1)
 
 
-def make_table(n: int = 300, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
+def make_table(n: int = 300, seed: int = 0, threshold: float = 1.0) -> tuple[pd.DataFrame, pd.Series]:
     """``n`` rows: six numeric features and one string categorical; the label follows a simple rule.
 
-    ``churn`` is ``"yes"`` exactly when ``f0 + 0.5 * (color == "red") > 0``: f0 and colour carry the signal,
-    f1..f5 are noise.
+    ``churn`` is ``"yes"`` exactly when ``f0 + 0.5 * (color == "red") > threshold``: f0 and colour carry the
+    signal, f1..f5 are noise. The default threshold makes about 20% of the rows ``"yes"``.
     """
     rng = np.random.default_rng(seed)
     X = pd.DataFrame(rng.normal(size=(n, 6)), columns=[f"f{i}" for i in range(6)])
     X["color"] = rng.choice(["red", "green", "blue"], size=n)
     score = X["f0"] + np.where(X["color"] == "red", 0.5, 0.0)
-    y = pd.Series(np.where(score > 0, "yes", "no"), name="churn")
+    y = pd.Series(np.where(score > threshold, "yes", "no"), name="churn")
     return X, y
 
 
@@ -65,6 +67,12 @@ def fit_pipeline(strategy: str, X, y, **overrides):
                   model_params=dict(TINY_MODEL), device="cpu", seed=SEED)
     kwargs.update(overrides)
     return TabularPipeline(**kwargs).fit(X, y)
+
+
+@pytest.fixture(scope="session")
+def holdout():
+    """A larger independent draw from the same distribution, for comparing fitted pipelines."""
+    return make_table(n=400, seed=1)
 
 
 @pytest.fixture(scope="session")

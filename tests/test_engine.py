@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -171,19 +172,21 @@ def test_live_attention_matches_official_tabicl_forward():
 
 # ---- 2. training learns ------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["base-ft", "peft"])
-def test_training_lowers_validation_and_test_log_loss(fitted, split, strategy):
-    _, _, X_test, y_test = split
+def test_training_lowers_validation_and_test_log_loss(fitted, holdout, strategy):
+    X_test, y_test = holdout
     pipe, start = fitted[strategy], fitted["inference"]
     r = pipe.train_result_
-    assert r.epochs_run == TUNE_PARAMS[strategy]["epochs"] and r.best_epoch >= 1
+    assert r.best_epoch >= 1 and r.steps >= r.epochs_run
     assert r.best_val < r.val_before - 0.1
     history = [h["val_log_loss"] for h in r.history if "val_log_loss" in h]
     assert history[0] == r.val_before and min(history[1:]) == r.best_val
     # both strategies start from the same weights (same seed), so their starting validation loss agrees
-    assert r.val_before == pytest.approx(fitted["peft" if strategy == "base-ft" else "base-ft"].train_result_.val_before)
+    other = fitted["peft" if strategy == "base-ft" else "base-ft"]
+    assert r.val_before == pytest.approx(other.train_result_.val_before)
+    # on unseen rows the tuned pipeline beats the untuned start by a clear margin
     tuned, untuned = pipe.evaluate(X_test, y_test), start.evaluate(X_test, y_test)
     assert tuned["log_loss"] < untuned["log_loss"] - 0.1
-    assert tuned["accuracy"] > untuned["accuracy"]
+    assert tuned["brier"] < untuned["brier"]
 
 
 def test_best_epoch_weights_are_restored(fitted):
@@ -206,6 +209,61 @@ def test_best_epoch_weights_are_restored(fitted):
     assert again == pytest.approx(pipe.train_result_.best_val, abs=1e-6)
 
 
+@pytest.mark.xfail(strict=True, reason="bug: trainer.train starts best_val at +inf and never keeps the starting "
+                                       "weights, so when every epoch validates worse than val_before the pipeline "
+                                       "ends with weights worse than it started from")
+def test_training_keeps_the_start_when_no_epoch_beats_it(monkeypatch, split):
+    from tabtune_cli.tuning import trainer
+
+    X_train, y_train, _, _ = split
+    scores = iter([0.5, 0.9, 0.8, 0.85])  # before training, then after epochs 1..3: all worse than the start
+    monkeypatch.setattr(trainer, "validate", lambda *args, **kwargs: next(scores))
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 3, "early_stopping_patience": None}
+    pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
+    r = pipe.train_result_
+    assert r.val_before == 0.5 and r.epochs_run == 3
+    assert r.best_val <= r.val_before
+    assert changed_keys(base_weights(pipe.module_), initial_module(pipe).state_dict()) == []
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeypatch, split):
+    from tabtune_cli.tuning import trainer
+
+    X_train, y_train, _, _ = split
+    snapshots = []
+
+    def fake_validate(adapter, module, *args, **kwargs):
+        snapshots.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return [0.9, 0.6, 0.7, 0.8, 0.75, 0.1][len(snapshots) - 1]
+
+    monkeypatch.setattr(trainer, "validate", fake_validate)
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 5, "early_stopping_patience": 3}
+    pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
+    r = pipe.train_result_
+    # epoch 1 is best (0.6); epochs 2-4 do not improve, so patience 3 stops after epoch 4 (never sees 0.1)
+    assert (r.best_epoch, r.best_val, r.epochs_run, len(snapshots)) == (1, 0.6, 4, 5)
+    assert changed_keys(pipe.module_.state_dict(), snapshots[1]) == []
+    assert changed_keys(pipe.module_.state_dict(), snapshots[4])  # not the last epoch's weights
+    assert [h["val_log_loss"] for h in r.history if "val_log_loss" in h] == [0.9, 0.6, 0.7, 0.8, 0.75]
+
+
+def test_on_record_streams_every_step_and_validation(split):
+    X_train, y_train, _, _ = split
+    records = []
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 2, "early_stopping_patience": None}
+    pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
+    pipe2 = TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL,
+                            device="cpu", seed=SEED).fit(X_train, y_train, on_record=records.append)
+    assert records == pipe2.train_result_.history
+    steps = [h for h in records if "loss" in h]
+    # 216 training rows (10% held out), query 32 -> 7 episodes, batch 1 -> 7 steps per epoch
+    assert [h["step"] for h in steps] == list(range(1, 15))
+    assert [h["epoch"] for h in records if "val_log_loss" in h] == [0, 1, 2]
+    assert all(h["lr"] == params["learning_rate"] for h in steps)  # constant schedule
+    assert pipe.train_result_.history == records  # same seed, same run
+    assert pipe.rows_ == {"train": 216, "val": 24}
+
+
 def test_predict_and_evaluate_agree_with_predict_proba(fitted, split):
     _, _, X_test, y_test = split
     pipe = fitted["base-ft"]
@@ -219,6 +277,34 @@ def test_predict_and_evaluate_agree_with_predict_proba(fitted, split):
     assert list(pipe.classes_) == ["no", "yes"]
     expected_ll = -np.mean(np.log(np.clip(proba[np.arange(len(codes)), codes], 1e-15, 1)))
     assert metrics["log_loss"] == pytest.approx(expected_ll, rel=1e-4)
+
+
+class NearestNeighbour(torch.nn.Module):
+    """A stand-in 'model' that is exactly label- and feature-order-equivariant: each query row gets 0.9 on
+    the label of its nearest context row (0.1 spread over the others), over the classes in the context."""
+
+    def forward(self, X, y_train, return_logits=True, softmax_temperature=0.9):
+        n = y_train.shape[1]
+        nearest = torch.cdist(X[0, n:], X[0, :n]).argmin(dim=1)
+        k = len(torch.unique(y_train[0]))
+        probs = torch.full((X.shape[1] - n, k), 0.1 / (k - 1))
+        probs[torch.arange(len(nearest)), y_train[0, nearest].long()] = 0.9
+        return probs[None]
+
+
+@pytest.mark.parametrize("n_estimators", [1, 3, 4])
+def test_ensemble_undoes_its_class_shifts_and_feature_orders(n_estimators):
+    rng = np.random.default_rng(0)
+    X_context = rng.normal(size=(8000, 5)).astype(np.float32)  # large context: queries go in 256-row chunks
+    y_context = rng.integers(0, 3, len(X_context))
+    X_query = rng.normal(size=(600, 5)).astype(np.float32)
+    task = Task("classification", 3)
+    proba = TabICLAdapter().predict(NearestNeighbour(), X_context, y_context, X_query, task,
+                                    ModelConfig(n_estimators=n_estimators), CPU)
+    nearest = torch.cdist(torch.as_tensor(X_query), torch.as_tensor(X_context)).argmin(dim=1).numpy()
+    expected = np.full((len(X_query), 3), 0.05)
+    expected[np.arange(len(X_query)), y_context[nearest]] = 0.9
+    np.testing.assert_allclose(proba, expected, atol=1e-6)
 
 
 # ---- 3a. official checkpoints ----------------------------------------------------------------
@@ -331,6 +417,24 @@ def test_save_load_round_trip_gives_identical_probabilities(fitted, split, tmp_p
     assert loaded.tuning_strategy == strategy
 
 
+RESAVE_LOSES_WEIGHTS = pytest.mark.xfail(
+    strict=True, reason="bug: TabularPipeline.load sets _base_state_ = None, so saving a loaded random-weight "
+                        "inference/peft pipeline writes no model.safetensors and the next load builds new "
+                        "random weights")
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("inference", marks=RESAVE_LOSES_WEIGHTS), "base-ft",
+                                      pytest.param("peft", marks=RESAVE_LOSES_WEIGHTS)])
+def test_a_loaded_pipeline_saves_and_loads_again_unchanged(fitted, split, tmp_path, strategy):
+    _, _, X_test, _ = split
+    pipe = fitted[strategy]
+    once = TabularPipeline.load(pipe.save(tmp_path / "once"))
+    twice = TabularPipeline.load(once.save(tmp_path / "twice"))
+    assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "once").iterdir())
+    np.testing.assert_array_equal(twice.predict_proba(X_test), pipe.predict_proba(X_test))
+
+
 @pytest.mark.parametrize("strategy", ["inference", "base-ft", "peft"])
 def test_saved_folder_holds_no_pickle(fitted, tmp_path, strategy):
     folder = fitted[strategy].save(tmp_path / strategy)
@@ -402,6 +506,27 @@ def test_episodes_are_disjoint_cover_every_row_and_hold_every_class(n_rows, cont
     assert len(episodes) == -(-n_rows // q)
 
 
+def test_episode_relabelling_is_a_consistent_bijection():
+    """Each episode permutes features and renames classes; context and query get the same mapping."""
+    from tabtune_cli.tuning.trainer import _episode_tensors
+
+    rng = np.random.default_rng(0)
+    X_all = torch.as_tensor(rng.normal(size=(60, 5)).astype(np.float32))
+    y_np = rng.integers(0, 3, 60)
+    y_all = torch.as_tensor(y_np)
+    episodes = epoch_episodes(y_np, 60, 20, 10, np.random.default_rng(1), n_features=5, n_classes=3)
+    assert any(not np.array_equal(e.feature_order, np.arange(5)) for e in episodes)
+    assert any(not np.array_equal(e.class_order, np.arange(3)) for e in episodes)
+    batch = episodes[:4]
+    Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, CPU)
+    for b, e in enumerate(batch):
+        assert sorted(e.feature_order) == list(range(5)) and sorted(e.class_order) == list(range(3))
+        np.testing.assert_array_equal(Xc[b].numpy(), X_all.numpy()[e.context][:, e.feature_order])
+        np.testing.assert_array_equal(Xq[b].numpy(), X_all.numpy()[e.query][:, e.feature_order])
+        np.testing.assert_array_equal(yc[b].numpy(), e.class_order[y_np[e.context]])
+        np.testing.assert_array_equal(yq[b].numpy(), e.class_order[y_np[e.query]])
+
+
 def test_episodes_without_labels_are_disjoint_and_cover_every_row():
     episodes = epoch_episodes(None, 90, 30, 20, np.random.default_rng(3))
     seen = set()
@@ -430,6 +555,11 @@ def test_episodes_same_seed_same_episodes_other_seed_different():
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.context, y.context)
         np.testing.assert_array_equal(x.query, y.query)
+    a = epoch_episodes(labels, 150, 64, 32, np.random.default_rng(11), n_features=4, n_classes=3)
+    b = epoch_episodes(labels, 150, 64, 32, np.random.default_rng(11), n_features=4, n_classes=3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.feature_order, y.feature_order)
+        np.testing.assert_array_equal(x.class_order, y.class_order)
     assert any(not np.array_equal(x.query, z.query) for x, z in zip(a, c))
 
 
@@ -464,12 +594,33 @@ def test_unknown_model_is_named(split):
         TabularPipeline(model_name="tabpfn-x", model_params=TINY_MODEL).fit(X_train, y_train)
 
 
-@pytest.mark.parametrize("strategy", ["inference", "base-ft"])
+TARGET_RENAMED = pytest.mark.xfail(
+    strict=True, reason="bug: for base-ft/peft, fit() holds out validation rows via a '__target__' column and "
+                        "does not restore y's name (pipeline.py, `rest['__target__']`), so target errors name "
+                        "'__target__' instead of the user's column")
+
+
+@pytest.mark.parametrize("strategy", ["inference", pytest.param("base-ft", marks=TARGET_RENAMED)])
 def test_single_class_target_is_refused_naming_the_target(split, strategy):
     X_train, _, _, _ = split
     y = pd.Series(["yes"] * len(X_train), name="churn")
     with pytest.raises(TabTuneError, match="target 'churn' has a single class"):
         fit_pipeline(strategy, X_train, y)
+
+
+@pytest.mark.parametrize("strategy", ["inference", pytest.param("base-ft", marks=TARGET_RENAMED)])
+def test_non_numeric_regression_target_is_refused_naming_the_target(split, strategy):
+    X_train, _, _, _ = split
+    y = pd.Series(np.arange(len(X_train), dtype=float), name="price").astype(object)
+    y.iloc[4] = "n/a"
+    with pytest.raises(TabTuneError, match="target 'price' has non-numeric values"):
+        fit_pipeline(strategy, X_train, y, task_type="regression")
+
+
+def test_unknown_task_type_is_named(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="task_type: 'ranking'"):
+        TabularPipeline(task_type="ranking", model_params=TINY_MODEL).fit(X_train, y_train)
 
 
 def test_empty_table_is_refused(split):
@@ -507,6 +658,66 @@ def test_inference_handles_more_than_ten_classes():
     assert set(pipe.predict(X.iloc[:20])) <= set(y)
 
 
+@pytest.mark.parametrize("peft_config,message", [
+    ({"lora_dropout": 0.1}, "lora_dropout must be 0"),
+    ({"target_modules": ["icl_predictor.nowhere"]}, "'icl_predictor.nowhere' is not a module of TabICL"),
+    ({"r": 0}, "lora.r must be at least 1"),
+    ({"rank": 4}, "unknown peft_config key 'rank'"),
+])
+def test_bad_lora_settings_are_named(split, peft_config, message):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match=message):
+        fit_pipeline("peft", X_train, y_train, peft_config=peft_config)
+
+
+def test_lora_target_modules_restrict_the_adapters(split):
+    X_train, y_train, _, _ = split
+    params = {**TUNE_PARAMS["peft"], "epochs": 1}
+    pipe = fit_pipeline("peft", X_train, y_train, tuning_params=params,
+                        peft_config={"target_modules": ["icl_predictor.decoder"], "r": 2})
+    trainable = {n for n, p in pipe.module_.named_parameters() if p.requires_grad}
+    assert trainable == {f"base_model.model.icl_predictor.decoder.{i}.lora_{ab}.default.weight"
+                         for i in (0, 2) for ab in "AB"}
+    assert changed_keys(base_weights(pipe.module_), initial_module(pipe).state_dict()) == []
+
+
+def test_fp16_on_cpu_is_refused_before_training(split):
+    X_train, y_train, _, _ = split
+    records = []
+    with pytest.raises(TabTuneError, match="fp16 needs a CUDA device"):
+        TabularPipeline(tuning_strategy="base-ft", tuning_params={**TUNE_PARAMS["base-ft"], "mixed_precision": "fp16"},
+                        model_params=TINY_MODEL, device="cpu").fit(X_train, y_train, on_record=records.append)
+    assert records == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match="no CUDA device is available"):
+        TabularPipeline(model_params=TINY_MODEL, device="cuda").fit(X_train, y_train)
+
+
+@pytest.mark.parametrize("key,value,message", [("epochs", 0, "strategy.epochs must be at least 1"),
+                                               ("learning_rate", -1e-3, "learning_rate must be positive"),
+                                               ("optimizer", "adam", "'adam' is not one of: adamw, sgd")])
+def test_bad_strategy_values_are_named(split, key, value, message):
+    X_train, y_train, _, _ = split
+    with pytest.raises(TabTuneError, match=message):
+        fit_pipeline("base-ft", X_train, y_train, tuning_params={**TUNE_PARAMS["base-ft"], key: value})
+
+
+def test_summary_counts_trainable_parameters_per_strategy(fitted):
+    counts = {name: pipe.summary() for name, pipe in fitted.items()}
+    total = counts["inference"]["total_params"]
+    assert counts["inference"]["trainable_params"] == 0
+    assert counts["base-ft"]["trainable_params"] == counts["base-ft"]["total_params"] == total
+    lora_numel = sum(v.numel() for v in lora_weights(fitted["peft"].module_).values())
+    assert counts["peft"]["trainable_params"] == lora_numel
+    assert counts["peft"]["total_params"] == total + lora_numel
+    assert counts["base-ft"]["training"]["val_best"] == fitted["base-ft"].train_result_.best_val
+    assert "training" not in counts["inference"]
+
+
 def test_predict_before_fit_is_refused(split):
     _, _, X_test, y_test = split
     pipe = TabularPipeline(model_params=TINY_MODEL)
@@ -528,3 +739,41 @@ def test_missing_feature_column_at_predict_is_named(fitted, split):
     _, _, X_test, _ = split
     with pytest.raises(TabTuneError, match="column 'f3' is missing"):
         fitted["inference"].predict(X_test.drop(columns="f3"))
+
+
+# ---- regression ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def regression_table():
+    X, _ = make_table(n=200, seed=4)
+    y = pd.Series(100.0 + 20.0 * X["f0"] + np.random.default_rng(4).normal(size=len(X)), name="price")
+    return X, y
+
+
+def test_regression_predictions_follow_the_target_units(regression_table):
+    X, y = regression_table
+    fit = lambda target: TabularPipeline(model_params=TINY_MODEL, tuning_params={"show_progress": False},  # noqa: E731
+                                         device="cpu", seed=SEED).fit(X.iloc[:150], target.iloc[:150])
+    base = fit(y)
+    assert base.task_.kind == "regression"  # a float target with many values
+    pred = base.predict(X.iloc[150:])
+    # the model sees standardised targets, so shifting or scaling the target moves predictions alike
+    np.testing.assert_allclose(fit(y + 1000.0).predict(X.iloc[150:]), pred + 1000.0, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(fit(y * 10.0).predict(X.iloc[150:]), pred * 10.0, rtol=1e-5, atol=1e-3)
+    metrics = base.evaluate(X.iloc[150:], y.iloc[150:])
+    errors = pred - y.iloc[150:].to_numpy()
+    assert metrics["rmse"] == pytest.approx(np.sqrt(np.mean(errors ** 2)), rel=1e-5)
+    assert metrics["mae"] == pytest.approx(np.mean(np.abs(errors)), rel=1e-5)
+    with pytest.raises(TabTuneError, match="predict_proba is for classification"):
+        base.predict_proba(X.iloc[150:])
+
+
+def test_regression_fine_tuning_round_trips(regression_table, tmp_path):
+    X, y = regression_table
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 2}
+    pipe = TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL,
+                           device="cpu", seed=SEED).fit(X.iloc[:150], y.iloc[:150])
+    assert pipe.train_result_.steps > 0 and math.isfinite(pipe.train_result_.best_val)
+    assert changed_keys(base_weights(pipe.module_), initial_module(pipe).state_dict())
+    loaded = TabularPipeline.load(pipe.save(tmp_path / "reg"))
+    np.testing.assert_array_equal(loaded.predict(X.iloc[150:]), pipe.predict(X.iloc[150:]))
+    assert loaded.target_scale_ == pipe.target_scale_

@@ -1,0 +1,189 @@
+"""nano: tabtune's own small in-context model, pretrained on synthetic tables and shipped in the package.
+
+The architecture is deliberately plain so that it trains on a CPU: each row is
+embedded by one linear map of its (normalised, zero-padded) features, context
+rows add an embedding of their label, and a stack of pre-norm transformer
+blocks lets every row attend to the context rows only (so query rows never see
+each other or any label but the context's). A small MLP reads class logits off
+each query row. q/k/v/out and the MLPs are separate ``nn.Linear`` layers, so
+Hugging Face peft reaches all of them with ordinary LoRA.
+
+Features are normalised inside the model with the context rows' statistics
+and scaled by sqrt(max_features / n_features), so a table's scale and width
+look alike to the model whatever they were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, safe_open
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..errors import TabTuneError
+from .base import ModelAdapter, Task, class_shift_probs, under_prefixes
+
+CLIP = 5.0
+
+
+def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
+    """Standardise every feature by the context rows' mean and std, clip, rescale by width, zero-pad."""
+    mean = X_context.mean(dim=1, keepdim=True)
+    std = X_context.std(dim=1, keepdim=True, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    Xc = ((X_context - mean) / std).clamp(-CLIP, CLIP)
+    Xq = ((X_query - mean) / std).clamp(-CLIP, CLIP)
+    width = X_context.shape[-1]
+    if n_features is None:
+        n_features = torch.full((X_context.shape[0],), width, device=X_context.device)
+    scale = torch.sqrt(max_features / n_features.clamp(min=1).float()).view(-1, 1, 1)
+    pad = max_features - width
+    return F.pad(Xc * scale, (0, pad)), F.pad(Xq * scale, (0, pad))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block in which every row attends to the context rows only."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.out = nn.Linear(d_model, d_model)
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+
+    def forward(self, h: Tensor, n_context: int) -> Tensor:
+        x = self.norm1(h)
+        context = x[:, :n_context]
+        attended = F.scaled_dot_product_attention(self._heads(self.q(x)), self._heads(self.k(context)),
+                                                  self._heads(self.v(context)))
+        h = h + self.dropout(self.out(attended.transpose(1, 2).flatten(2)))
+        return h + self.dropout(self.linear2(F.gelu(self.linear1(self.norm2(h)))))
+
+
+class NanoICL(nn.Module):
+    """In-context classifier: (context rows, their labels, query rows) -> class logits for the query rows."""
+
+    def __init__(self, max_features: int = 100, max_classes: int = 10, d_model: int = 128, n_layers: int = 6,
+                 n_heads: int = 4, d_ff: int = 256, dropout: float = 0.0):
+        super().__init__()
+        self.max_features, self.max_classes = max_features, max_classes
+        self.encoder = nn.Linear(max_features, d_model)
+        self.label_embedding = nn.Embedding(max_classes, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.decoder = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, max_classes))
+
+    def forward(self, X_context: Tensor, y_context: Tensor, X_query: Tensor,
+                n_features: Tensor | None = None) -> Tensor:
+        if X_context.shape[-1] > self.max_features:
+            raise ValueError(f"nano takes at most {self.max_features} features, got {X_context.shape[-1]}")
+        Xc, Xq = normalise(X_context, X_query, n_features, self.max_features)
+        context = self.encoder(Xc) + self.label_embedding(y_context.long())
+        h = torch.cat([context, self.encoder(Xq)], dim=1)
+        for block in self.blocks:
+            h = block(h, X_context.shape[1])
+        return self.decoder(self.norm(h[:, X_context.shape[1]:]))
+
+
+def shipped_checkpoint() -> Path:
+    """The pretrained weights inside the package."""
+    return Path(str(resources.files("tabtune_cli") / "weights" / "nano.safetensors"))
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """``(architecture, state_dict)`` of a nano checkpoint: safetensors with its config in the metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        architecture = json.loads(metadata["architecture"])
+    except FileNotFoundError:
+        raise TabTuneError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise TabTuneError(f"{path}: not a nano checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    return architecture, load_file(str(path))
+
+
+class NanoAdapter(ModelAdapter):
+    name = "nano"
+    title = "nano"
+    tasks = ("classification",)
+    max_classes = 10
+    sizes = {"tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
+             "small": dict(d_model=128, n_layers=6, n_heads=4, d_ff=256)}
+    default_lora_prefixes = ("blocks", "decoder")
+
+    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+        if not config.pretrained:
+            return None
+        path = Path(config.checkpoint).expanduser() if config.checkpoint else shipped_checkpoint()
+        if not path.is_file():
+            where = "model.checkpoint" if config.checkpoint else "the package's nano weights"
+            raise TabTuneError(f"{where}: no such file {str(path)!r}")
+        return path
+
+    def build(self, config: ModelConfig, task: Task):
+        if not config.pretrained:
+            if config.size not in self.sizes:
+                raise TabTuneError(f"model.size: unknown size {config.size!r} for nano (known: {', '.join(self.sizes)})")
+            architecture = dict(self.sizes[config.size])
+            return self.from_architecture(architecture), architecture
+        path = self.checkpoint_file(config, task)
+        architecture, state = read_checkpoint(path)
+        module = self.from_architecture(architecture)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise TabTuneError(f"{path}: weights do not match its architecture ({str(exc).splitlines()[0][:160]})") from None
+        return module, architecture
+
+    def from_architecture(self, architecture: dict) -> nn.Module:
+        return NanoICL(**architecture)
+
+    def episode_logits(self, module, X_context, y_context, X_query, task: Task) -> Tensor:
+        return module(X_context, y_context, X_query)[..., : task.n_classes]
+
+    @torch.no_grad()
+    def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        module.eval()
+        rng = np.random.default_rng(0)
+        n_features = X_context.shape[1]
+        limit = getattr(module, "max_features", None) or module.get_base_model().max_features
+        total = 0.0
+        chunk = 4096
+        for member in range(config.n_estimators):
+            if n_features > limit:  # wider tables: each member sees its own random subset of columns
+                order = np.sort(rng.choice(n_features, size=limit, replace=False))
+            else:
+                order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
+            shift = member % task.n_classes
+            Xc = torch.as_tensor(X_context[:, order], device=device)[None]
+            yc = torch.as_tensor((y_context + shift) % task.n_classes, device=device)[None]
+            parts = []
+            for start in range(0, len(X_query), chunk):
+                Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device)[None]
+                logits = module(Xc, yc, Xq)[0, :, : task.n_classes].float()
+                parts.append(torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy())
+            total = total + class_shift_probs(np.concatenate(parts), shift)
+        probs = total / config.n_estimators
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def lora_targets(self, module: nn.Module, prefixes):
+        prefixes = list(prefixes or self.default_lora_prefixes)
+        names = dict(module.named_modules())
+        unknown = [p for p in prefixes if p not in names]
+        if unknown:
+            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of nano")
+        return [n for n, m in names.items() if isinstance(m, nn.Linear) and under_prefixes(n, prefixes)], []

@@ -1,0 +1,176 @@
+"""Pretraining nano on synthetic tables: prior batches in, a checkpoint that resumes out.
+
+Every step's batch is drawn from tabicl's prior after seeding the global RNGs with
+``(seed, step)``, so a run is reproducible from its config and a resumed run sees
+the same tables it would have seen without the interruption. Checkpoints are
+safetensors (weights, optimizer moments) plus JSON (step, schedule), written
+atomically; ``nano-last.safetensors`` is loadable by the nano adapter as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .. import rundir
+from ..models.nano import NanoICL
+from .trainer import _schedule
+
+WEIGHTS, OPTIMIZER, STATE = "nano-last.safetensors", "optimizer.safetensors", "state.json"
+
+
+def seed_everything(seed: int, step: int) -> None:
+    mixed = (seed * 1_000_003 + step) % 2**31
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def make_prior(cfg: dict):
+    from tabicl.prior import PriorDataset
+
+    p = cfg["prior"]
+    return PriorDataset(batch_size=p["tables_per_step"], batch_size_per_gp=p["tables_per_group"],
+                        min_seq_len=p["max_rows"] - 1, max_seq_len=p["max_rows"], min_features=2,
+                        max_features=p["max_features"], max_classes=p["max_classes"],
+                        log_n_features=p["log_n_features"], min_train_size=p["min_context_fraction"],
+                        max_train_size=p["max_context_fraction"], prior_type=p["type"], n_jobs=1)
+
+
+class PriorStream(torch.utils.data.IterableDataset):
+    """The prior batches of steps ``start..steps-1``, each drawn after seeding with ``(seed, step)``."""
+
+    def __init__(self, cfg: dict, start: int):
+        self.cfg, self.start = cfg, start
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        prior = make_prior(self.cfg)
+        for step in range(self.start, self.cfg["steps"]):
+            seed_everything(self.cfg["seed"], step)
+            yield prior.get_batch()
+
+
+def batch_loss(model: NanoICL, X: torch.Tensor, y: torch.Tensor, d: torch.Tensor, train_sizes: torch.Tensor,
+               group: int) -> torch.Tensor:
+    """Mean query cross-entropy over the groups of a prior batch (a group shares its context size)."""
+    losses = []
+    for start in range(0, X.shape[0], group):
+        sl = slice(start, start + group)
+        n_ctx = int(train_sizes[start])
+        width = int(d[sl].max())
+        Xg, yg = X[sl, :, :width], y[sl].long()
+        logits = model(Xg[:, :n_ctx], yg[:, :n_ctx], Xg[:, n_ctx:], n_features=d[sl])
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yg[:, n_ctx:].reshape(-1)))
+    return torch.stack(losses).mean()
+
+
+def save_weights(model: NanoICL, architecture: dict, path: Path, extra: dict | None = None) -> None:
+    metadata = {"architecture": json.dumps(architecture), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    rundir.write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def save_checkpoint(out: Path, model, architecture, optimizer, step: int, history_tail: dict) -> None:
+    save_weights(model, architecture, out / WEIGHTS, {"step": step})
+    moments, groups = {}, []
+    for i, (param_id, st) in enumerate(optimizer.state_dict()["state"].items()):
+        for key, value in st.items():
+            moments[f"{param_id}.{key}"] = torch.as_tensor(value).contiguous()
+    rundir.write_file(out / OPTIMIZER, lambda tmp: save_file(moments, tmp))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    rundir.write_json(out / STATE, {"step": step, "param_groups": groups, **history_tail})
+
+
+def load_checkpoint(out: Path, model, optimizer) -> int:
+    """Restore weights and optimizer moments from ``out``; return the step to continue from."""
+    state = json.loads((out / STATE).read_text())
+    model.load_state_dict(load_file(out / WEIGHTS))
+    moments = load_file(out / OPTIMIZER)
+    full = optimizer.state_dict()
+    per_param: dict[int, dict] = {}
+    for key, value in moments.items():
+        param_id, name = key.split(".", 1)
+        per_param.setdefault(int(param_id), {})[name] = value
+    full["state"] = per_param
+    for group, saved in zip(full["param_groups"], state["param_groups"]):
+        group.update(saved)
+    optimizer.load_state_dict(full)
+    return int(state["step"])
+
+
+@dataclass
+class PretrainResult:
+    step: int
+    loss: float
+    out_dir: Path
+
+
+def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
+    """Run (or resume) pretraining as ``cfg`` says; ``evaluate(model) -> dict`` is called every eval_every steps."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    architecture = dict(cfg["model"])
+    torch.manual_seed(cfg["seed"])
+    model = NanoICL(**architecture)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg["scheduler"], cfg["warmup_steps"],
+                                                                       cfg["steps"]))
+    start, earlier_seconds = 0, 0.0
+    if (out / STATE).is_file():
+        earlier_seconds = json.loads((out / STATE).read_text()).get("wall_seconds", 0.0)
+        start = load_checkpoint(out, model, optimizer)
+        for _ in range(start):
+            scheduler.step()
+        log(f"resumed from {out / WEIGHTS} at step {start}")
+    # one worker process draws prior batches while the main process trains on the previous ones
+    batches = torch.utils.data.DataLoader(PriorStream(cfg, start), batch_size=None,
+                                          num_workers=cfg["prior_workers"],
+                                          prefetch_factor=4 if cfg["prior_workers"] else None)
+    group = cfg["prior"]["tables_per_group"]
+    history = out / "history.jsonl"
+    loss_value, started = math.nan, time.perf_counter()
+    progress = Progress(TextColumn("[bold]pretraining"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        disable=not cfg["show_progress"])
+    with progress:
+        bar = progress.add_task("pretrain", total=cfg["steps"], completed=start, status="")
+        t0 = time.perf_counter()
+        for step, (X, y, d, _, train_sizes) in zip(range(start, cfg["steps"]), batches):
+            t_prior = time.perf_counter() - t0
+            model.train()
+            loss = batch_loss(model, X, y, d, train_sizes, group)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            loss_value = loss.item()
+            seconds = time.perf_counter() - t0
+            record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                      "seconds": seconds, "prior_wait_seconds": t_prior, "tables_per_second": X.shape[0] / seconds}
+            if evaluate is not None and (step + 1) % cfg["eval_every"] == 0:
+                record["zero_shot"] = evaluate(model)
+                log(f"step {step + 1}: zero-shot {record['zero_shot']}")
+            rundir.append_jsonl(history, record)
+            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+                save_checkpoint(out, model, architecture, optimizer, step + 1,
+                                {"loss": loss_value,
+                                 "wall_seconds": earlier_seconds + time.perf_counter() - started})
+            progress.update(bar, advance=1, status=f"loss {loss_value:.4f} {seconds:.2f}s/step")
+            t0 = time.perf_counter()
+    return PretrainResult(step=cfg["steps"], loss=loss_value, out_dir=out)

@@ -33,6 +33,7 @@ from .tuning.episodes import context_rows
 from .tuning.trainer import Split, train
 
 FORMAT_VERSION = 1
+WEIGHT_FILES = {"model.safetensors", "adapter_model.safetensors", "adapter_config.json"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,8 +89,8 @@ class TabularPipeline:
             # hold out part of the training rows for validation and early stopping
             joined = X.assign(__target__=y.to_numpy())
             rest, held = split_frame(joined, "__target__", fraction=0.1, stratify=kind == "classification", seed=self.seed)
-            X, y = rest.drop(columns="__target__"), rest["__target__"]
-            X_val, y_val = held.drop(columns="__target__"), held["__target__"]
+            X, y = rest.drop(columns="__target__"), rest["__target__"].rename(y.name)
+            X_val, y_val = held.drop(columns="__target__"), held["__target__"].rename(y.name)
         started = time.perf_counter()
         device = resolve_device(self.device)
         torch.manual_seed(self.seed)
@@ -226,8 +227,8 @@ class TabularPipeline:
         path.mkdir(parents=True, exist_ok=True)
         strategy = self.strategy_.name
         staging = Path(tempfile.mkdtemp(prefix=".save-", dir=path))
+        weights = None
         try:
-            weights = None
             if strategy == StrategyName.base_ft:
                 weights = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
             elif self._base_state_ is not None:
@@ -236,6 +237,8 @@ class TabularPipeline:
                 save_file(weights, staging / "model.safetensors")
             if strategy == StrategyName.peft:
                 self.module_.save_pretrained(staging)
+            for stale in WEIGHT_FILES - {p.name for p in staging.iterdir()}:
+                (path / stale).unlink(missing_ok=True)
             save_file({"X": torch.as_tensor(self.context_X_), "y": torch.as_tensor(self.context_y_)},
                       staging / "context.safetensors")
             (staging / "preprocessor.json").write_text(json.dumps(self.preprocessor_.to_json(), indent=1))
@@ -252,7 +255,7 @@ class TabularPipeline:
             "device": self.device, "seed": self.seed, "architecture": self.architecture_,
             "classes": None if self.label_encoder_ is None else list(self.label_encoder_.classes),
             "target_scale": getattr(self, "target_scale_", None),
-            "base_weights": "model.safetensors" if (path / "model.safetensors").exists() else "checkpoint",
+            "base_weights": "model.safetensors" if weights is not None else "checkpoint",
             "summary": self.summary(),
         }
         rundir.write_json(path / "pipeline.json", meta)  # last: its presence means the save is whole
@@ -272,9 +275,13 @@ class TabularPipeline:
         adapter, strategy, model_config, lora_settings = self._configs()
         task = Task(meta["task"]["kind"], meta["task"]["n_classes"])
         self.device_ = resolve_device(self.device)
+        self._base_state_ = None
         if meta["base_weights"] == "model.safetensors":
             module = adapter.from_architecture(meta["architecture"])
-            module.load_state_dict(load_file(path / "model.safetensors"))
+            state = load_file(path / "model.safetensors")
+            module.load_state_dict(state)
+            if strategy.name != StrategyName.base_ft:
+                self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
         else:
             module, _ = adapter.build(model_config, task)
         module.to(self.device_)
@@ -290,7 +297,6 @@ class TabularPipeline:
         self.classes_ = None if self.label_encoder_ is None else np.asarray(meta["classes"], dtype=object)
         if meta["target_scale"] is not None:
             self.target_scale_ = tuple(meta["target_scale"])
-        self._base_state_ = None
         self.train_result_ = None
         self.fit_seconds_ = meta["summary"]["fit_seconds"]
         self.rows_ = meta["summary"]["rows"]

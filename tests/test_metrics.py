@@ -97,10 +97,6 @@ def test_roc_auc_macro_over_the_classes_present():
     assert compute_metrics("classification", y, proba)["roc_auc"] == pytest.approx((0.5 + 1.0) / 2)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: f1_macro averages over every head class (labels=arange(C)), so a "
-                                       "class absent from both y_true and the predictions scores F1=0 and a "
-                                       "perfect prediction gets f1_macro 2/3 (balanced_accuracy and roc_auc "
-                                       "use the classes present)")
 def test_perfect_predictions_score_full_f1_when_a_class_is_absent_from_the_test_rows():
     y = np.array([0, 1, 1, 0])
     m = compute_metrics("classification", y, np.eye(3)[y])  # the model knows 3 classes; the test rows hold 2

@@ -29,7 +29,10 @@ def _is_datetime_like(col: pd.Series) -> bool:
     if not (pd.api.types.is_object_dtype(col) or pd.api.types.is_string_dtype(col)):
         return False
     sample = col.dropna().astype(str).head(200)
-    if sample.empty or sample.str.fullmatch(r"[-+]?\d+(\.\d*)?").any():
+    # a date has a 4-digit year or digits joined by - / . (month names and "1st" are not dates)
+    if sample.empty or not sample.str.contains(r"\d{4}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}", regex=True).all():
+        return False
+    if sample.str.fullmatch(r"[-+]?\d+(\.\d*)?").any():
         return False
     parsed = pd.to_datetime(sample, errors="coerce", format="mixed")
     return parsed.notna().mean() >= 0.95
@@ -45,7 +48,9 @@ def _to_datetime(col: pd.Series) -> pd.Series:
 def _date_features(col: pd.Series) -> pd.DataFrame:
     dt = _to_datetime(col)
     parts = {p: getattr(dt.dt, p).astype("float64") for p in DATE_PARTS}
-    parts["days"] = (dt - pd.Timestamp(0)).dt.total_seconds() / 86400.0
+    # seconds since the epoch in the column's own unit, so dates past 2262 (9999-12-31) do not overflow
+    seconds = dt.astype("datetime64[s]").astype("int64").astype("float64")
+    parts["days"] = np.where(dt.isna(), np.nan, seconds / 86400.0)
     return pd.DataFrame(parts, index=col.index)
 
 

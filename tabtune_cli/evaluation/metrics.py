@@ -38,11 +38,12 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     else:
         # one-vs-rest, macro over the classes present in y_true
         roc_auc = float(np.mean([skm.roc_auc_score(y_true == k, proba[:, k]) for k in present]))
+    occurring = np.union1d(y_true, pred)  # a class absent from both labels and predictions is no evidence
     return {
         "accuracy": skm.accuracy_score(y_true, pred),
         "balanced_accuracy": skm.balanced_accuracy_score(y_true, pred),
-        "f1_macro": skm.f1_score(y_true, pred, average="macro", labels=labels, zero_division=0),
-        "f1_weighted": skm.f1_score(y_true, pred, average="weighted", labels=labels, zero_division=0),
+        "f1_macro": skm.f1_score(y_true, pred, average="macro", labels=occurring, zero_division=0),
+        "f1_weighted": skm.f1_score(y_true, pred, average="weighted", labels=occurring, zero_division=0),
         "roc_auc": roc_auc,
         "log_loss": skm.log_loss(y_true, proba, labels=labels),
         # multiclass Brier: mean over rows of the squared distance to the one-hot label

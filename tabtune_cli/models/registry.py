@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..errors import TabTuneError
 from .base import ModelAdapter
+from .nano import NanoAdapter
 from .tabicl import TabICLAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (TabICLAdapter,)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (NanoAdapter, TabICLAdapter)}
 
 
 def get_adapter(name: str) -> ModelAdapter:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tabicl._model import attention as tabicl_attention
+from tabicl._model.inference_config import InferenceConfig
 from tabicl._model.layers import MultiheadAttention
 from tabicl._model.tabicl import TabICL
 from torch import Tensor, nn
@@ -131,6 +132,9 @@ class TabICLAdapter(ModelAdapter):
         rng = np.random.default_rng(0)
         n_features = X_context.shape[1]
         total = None
+        inference = InferenceConfig()
+        for part in (inference.COL_CONFIG, inference.ROW_CONFIG, inference.ICL_CONFIG):
+            part.update({"use_amp": device.type == "cuda"})
         chunk = max(256, 8192 - len(X_context))
         for member in range(config.n_estimators):
             order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
@@ -143,9 +147,10 @@ class TabICLAdapter(ModelAdapter):
                 Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device)
                 X = torch.cat([Xc, Xq], dim=0)[None]
                 if task.is_classification:
-                    out = module(X, yc, return_logits=False, softmax_temperature=config.softmax_temperature)[0]
+                    out = module(X, yc, return_logits=False, softmax_temperature=config.softmax_temperature,
+                                 inference_config=inference)[0]
                 else:
-                    out = module(X, yc)[0].sort(dim=-1).values.mean(dim=-1)
+                    out = module(X, yc, inference_config=inference)[0].sort(dim=-1).values.mean(dim=-1)
                 parts.append(out.float().cpu().numpy())
             pred = np.concatenate(parts)
             if task.is_classification:

@@ -10,6 +10,7 @@ not improved for ``early_stopping_patience`` epochs.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -26,6 +27,8 @@ from ..errors import TabTuneError
 from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
 from ..models.base import ModelAdapter, Task
 from .episodes import context_rows, epoch_episodes
+
+log = logging.getLogger("tabtune")
 
 
 @dataclass
@@ -131,8 +134,10 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
 
     val_before = validate(adapter, module, task, train_split, val_split, model_config, device, seed)
     record({"epoch": 0, "step": 0, f"val_{metric_name}": val_before})
-    best_val, best_epoch, best_state, stale, step = math.inf, 0, None, 0, 0
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    # the starting weights compete too: training that only makes validation worse is not kept
+    best_val, best_epoch, stale, step = val_before, 0, 0, 0
+    best_state = {n: p.detach().clone() for n, p in trainable.items()}
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -182,10 +187,12 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 stale += 1
                 if strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience:
                     break
-    if best_state is not None:
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(best_state[n])
+    if best_epoch == 0:
+        log.warning("no epoch improved validation %s (%.4f before training): keeping the starting weights",
+                    metric_name, val_before)
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(best_state[n])
     module.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, val_before=val_before, epochs_run=epoch,
                        steps=step, history=history)

@@ -1,0 +1,102 @@
+"""The shared adapter table: every registered model family keeps the same promises.
+
+Adding a model adds nothing here: the tests run over ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tabtune_cli import TabularPipeline
+from tabtune_cli.config import LoraSettings, ModelConfig
+from tabtune_cli.models.base import Task
+from tabtune_cli.models.registry import ADAPTERS, get_adapter
+from tabtune_cli.tuning import lora
+
+from conftest import SEED, TUNE_PARAMS
+
+NAMES = sorted(ADAPTERS)
+TASK = Task("classification", 3)
+
+
+def tiny(name):
+    adapter = get_adapter(name)
+    torch.manual_seed(0)
+    module, architecture = adapter.build(ModelConfig(name=name, pretrained=False, size="tiny"), TASK)
+    with torch.no_grad():  # a trained checkpoint has no all-zero tensors; neither should the test model
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point() and not tensor.any():
+                tensor.normal_(0.0, 0.05)
+    return adapter, module, architecture
+
+
+def episode(seed=0, n_context=48, n_query=16, n_features=5):
+    g = torch.Generator().manual_seed(seed)
+    Xc, Xq = torch.randn(2, n_context, n_features, generator=g), torch.randn(2, n_query, n_features, generator=g)
+    yc = torch.randint(0, 3, (2, n_context), generator=g)
+    yc[:, :3] = torch.arange(3)
+    return Xc, yc, Xq
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_episode_outputs_depend_on_context_labels_not_on_other_queries(name):
+    adapter, module, _ = tiny(name)
+    module.train()
+    Xc, yc, Xq = episode()
+    out = adapter.episode_logits(module, Xc, yc, Xq, TASK)
+    assert out.shape == (2, 16, 3) and torch.isfinite(out).all()
+    # a query row's output ignores the other query rows: no row sees another query's features
+    alone = adapter.episode_logits(module, Xc, yc, Xq[:, :1], TASK)
+    torch.testing.assert_close(alone[:, 0], out[:, 0], atol=1e-4, rtol=1e-4)
+    # ...and it reads the labels of the context
+    relabelled = adapter.episode_logits(module, Xc, (yc + 1) % 3, Xq, TASK)
+    assert (relabelled - out).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_lora_adapter_is_live(name):
+    adapter, module, _ = tiny(name)
+    wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
+    wrapped.train()
+    Xc, yc, Xq = episode()
+    base = adapter.episode_logits(wrapped, Xc, yc, Xq, TASK).detach()
+    lora_b = [(n, p) for n, p in wrapped.named_parameters() if "lora_B" in n]
+    assert len(lora_b) >= 4
+    dead = []
+    for n, p in lora_b:
+        with torch.no_grad():
+            saved = p.clone()
+            p.normal_(0.0, 0.5)
+        moved = (adapter.episode_logits(wrapped, Xc, yc, Xq, TASK) - base).abs().max().item()
+        with torch.no_grad():
+            p.copy_(saved)
+        if moved < 1e-6:
+            dead.append(n)
+    assert dead == []
+    assert all(not p.requires_grad for n, p in wrapped.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("strategy", ["inference", "base-ft", "peft"])
+def test_strategy_invariants_and_reload(name, strategy, split, tmp_path):
+    X_train, y_train, X_test, _ = split
+    pipe = TabularPipeline(model_name=name.upper(), tuning_strategy=strategy, tuning_params=TUNE_PARAMS[strategy],
+                           model_params={"pretrained": False, "size": "tiny", "n_estimators": 2}, device="cpu",
+                           seed=SEED).fit(X_train, y_train)
+    torch.manual_seed(SEED)
+    start, _ = get_adapter(name).build(ModelConfig(name=name, pretrained=False, size="tiny"),
+                                       Task("classification", 2))
+    start = start.state_dict()
+    now = pipe.module_.get_base_model().state_dict() if strategy == "peft" else pipe.module_.state_dict()
+    base_now = {k.replace("base_layer.", ""): v for k, v in now.items() if "lora_" not in k}
+    changed = [k for k, v in start.items() if not torch.equal(v, base_now[k])]
+    if strategy == "base-ft" and pipe.train_result_.best_epoch > 0:
+        assert changed
+    else:
+        assert changed == []
+    proba = pipe.predict_proba(X_test)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    pipe.save(tmp_path)
+    np.testing.assert_array_equal(TabularPipeline.load(tmp_path).predict_proba(X_test), proba)

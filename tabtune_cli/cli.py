@@ -16,6 +16,7 @@ commands:
   train   run one job (or a sweep with -m): tabtune train model=tabicl strategy=peft dataset=iris
           `tabtune train --help` shows the config groups and their options
   ls      list models, strategies, built-in datasets and presets
+  leaderboard  contenders side by side on several tables (conf/leaderboard.yaml)
   pretrain  pretrain the embedded nano model on synthetic tables (conf/pretrain.yaml; resumes)
 
 Errors print one line; set TABTUNE_DEBUG=1 for the full traceback.
@@ -23,9 +24,9 @@ Errors print one line; set TABTUNE_DEBUG=1 for the full traceback.
 
 
 def _commands():
-    from .commands import ls, pretrain, train
+    from .commands import leaderboard, ls, pretrain, train
 
-    return {"train": train.run, "ls": ls.run, "pretrain": pretrain.run}
+    return {"train": train.run, "ls": ls.run, "pretrain": pretrain.run, "leaderboard": leaderboard.run}
 
 
 def main(argv: list[str] | None = None) -> int:

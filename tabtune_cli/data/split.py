@@ -26,5 +26,6 @@ def subsample(frame: pd.DataFrame, target: str, max_rows: int | None, *, stratif
     """Return at most ``max_rows`` rows, stratified where the labels allow it."""
     if max_rows is None or len(frame) <= max_rows:
         return frame
-    kept, _ = split_frame(frame, target, fraction=1 - max_rows / len(frame), stratify=stratify, seed=seed)
+    labels = frame[target] if stratify and _can_stratify(frame[target], 1 - max_rows / len(frame)) else None
+    kept, _ = train_test_split(frame, train_size=max_rows, random_state=seed, stratify=labels)
     return kept

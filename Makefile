@@ -4,7 +4,7 @@ TORCH   := torch==2.13.0
 DEMO    := model.pretrained=false model.size=tiny dataset=breast_cancer strategy.epochs=8 \
            strategy.learning_rate=1e-3 strategy.context_size=256 strategy.query_size=64
 
-.PHONY: help install demo test test-all bench-nano clean
+.PHONY: help install demo test test-all bench-nano lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test-all: $(STAMP)  ## the test suite including slow tests
 
 bench-nano: $(STAMP)  ## nano (inference, base-ft, peft) vs LogisticRegression and HistGradientBoosting
 	.venv/bin/tabtune leaderboard
+
+lint: $(STAMP)  ## static checks (undefined names, unused imports, syntax)
+	.venv/bin/ruff check --select F,E9 tabtune_cli tests
 
 clean:  ## remove the virtual environment and build outputs
 	rm -rf .venv dist build

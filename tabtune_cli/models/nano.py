@@ -16,7 +16,6 @@ look alike to the model whatever they were.
 from __future__ import annotations
 
 import json
-import math
 from importlib import resources
 from pathlib import Path
 

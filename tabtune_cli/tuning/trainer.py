@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable

@@ -82,6 +82,15 @@ class ModelAdapter:
         """Return ``(target_modules, target_parameters)`` for peft, expanded from module-name prefixes."""
         raise NotImplementedError
 
+    def modules_under(self, module: nn.Module, prefixes: list[str] | None) -> dict[str, nn.Module]:
+        """``name -> module`` for every module under ``prefixes`` (default: this model's); unknown prefixes fail."""
+        prefixes = list(prefixes or self.default_lora_prefixes)
+        names = dict(module.named_modules())
+        unknown = [p for p in prefixes if p not in names]
+        if unknown:
+            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of {self.title}")
+        return {n: m for n, m in names.items() if under_prefixes(n, prefixes)}
+
     def check_task(self, task: Task, strategy: str) -> None:
         """Refuse a task this model cannot do, before any training."""
         if task.kind not in self.tasks:

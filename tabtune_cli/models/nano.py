@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, under_prefixes
+from .base import ModelAdapter, Task, class_shift_probs
 
 CLIP = 5.0
 
@@ -180,9 +180,4 @@ class NanoAdapter(ModelAdapter):
         return probs / probs.sum(axis=1, keepdims=True)
 
     def lora_targets(self, module: nn.Module, prefixes):
-        prefixes = list(prefixes or self.default_lora_prefixes)
-        names = dict(module.named_modules())
-        unknown = [p for p in prefixes if p not in names]
-        if unknown:
-            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of nano")
-        return [n for n, m in names.items() if isinstance(m, nn.Linear) and under_prefixes(n, prefixes)], []
+        return [n for n, m in self.modules_under(module, prefixes).items() if isinstance(m, nn.Linear)], []

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, under_prefixes
+from .base import ModelAdapter, Task, class_shift_probs
 
 REPO_ID = "jingang/TabICL"
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -163,15 +163,9 @@ class TabICLAdapter(ModelAdapter):
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):
-        prefixes = list(prefixes or self.default_lora_prefixes)
-        names = dict(module.named_modules())
-        unknown = [p for p in prefixes if p not in names]
-        if unknown:
-            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of TabICL")
+        targets = self.modules_under(module, prefixes)
         # plain linear layers only: TabICL's OneHotAndLinear/SkippableLinear transform their input
         # before the matmul, so a LoRA beside them would see the wrong input
-        linears = [n for n, m in names.items() if type(m) in PLAIN_LINEAR and under_prefixes(n, prefixes)
-                   and "ssmax" not in n]
-        packed = [f"{n}.in_proj_weight" for n, m in names.items()
-                  if isinstance(m, MultiheadAttention) and under_prefixes(n, prefixes)]
+        linears = [n for n, m in targets.items() if type(m) in PLAIN_LINEAR and "ssmax" not in n]
+        packed = [f"{n}.in_proj_weight" for n, m in targets.items() if isinstance(m, MultiheadAttention)]
         return linears, packed

@@ -18,10 +18,12 @@ from tabpfn.architectures.shared.bar_distribution import FullSupportBarDistribut
 from tabpfn.model_loading import load_model
 
 from tabtune_cli import TabularPipeline
+from tabtune_cli.config import LoraSettings
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import get_adapter
 from tabtune_cli.models.tabpfn import TabPFNConfig
+from tabtune_cli.tuning import lora
 
 from conftest import SEED, TUNE_PARAMS, make_table
 from test_cli import run_dirs, tabtune
@@ -175,6 +177,52 @@ def test_regression_peft_trains_adapters_only_and_reloads(tmp_path):
     assert np.isfinite(pred).all() and pred.std() > 0
     pipe.save(tmp_path)
     np.testing.assert_array_equal(TabularPipeline.load(tmp_path).predict(X_test), pred)
+
+
+LATER = {  # tiny configs of later architectures, saved as tabpfn's save_tabpfn_model writes them
+    "v2.6": ("tabpfn_v2_6", dict(emsize=16, nlayers=2, nhead=2, features_per_group=3, num_thinking_rows=4,
+                                 encoder_mlp_hidden_dim=16)),
+    "v3": ("tabpfn_v3", dict(embed_dim=16, dist_embed_num_blocks=1, dist_embed_num_heads=2,
+                             dist_embed_num_inducing_points=8, feat_agg_num_blocks=1, feat_agg_num_heads=2,
+                             feat_agg_num_cls_tokens=2, nlayers=2, icl_num_heads=2, decoder_head_dim=8,
+                             decoder_num_heads=2, softmax_scaling_mlp_hidden_dim=8)),
+}
+
+
+@pytest.mark.parametrize("version", sorted(LATER))
+def test_later_versions_load_predict_like_the_package_and_take_live_lora(version, tmp_path):
+    from tabpfn.architectures import ARCHITECTURES
+
+    architecture_name, sizes = LATER[version]
+    architecture = ARCHITECTURES[architecture_name]
+    config, _ = architecture.parse_config({**sizes, "max_num_classes": 10})
+    torch.manual_seed(0)
+    model = architecture.get_architecture(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    path = tmp_path / f"{version}.ckpt"
+    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(config),
+                "architecture_name": architecture_name}, path)
+    package_model, *_ = load_model(path=path, estimator_type="classifier")
+    adapter, task = get_adapter("tabpfn"), Task("classification", 3)
+    with pytest.raises(TabTuneError, match=f"TabPFN {version} checkpoint, but model.version=v2"):
+        adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path), version=version), task)
+    Xc, yc, Xq = episode()
+    module.eval()
+    expected = package_outputs(package_model, Xc, yc, Xq)[:, :3]
+    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected)
+    wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
+    lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    assert len(lora_b) >= 8
+    for p in lora_b:
+        with torch.no_grad():
+            p.normal_(0.0, 0.5)
+        moved = (adapter.episode_logits(wrapped, Xc, yc, Xq, task)[0] - expected).abs().max()
+        with torch.no_grad():
+            p.zero_()
+        assert moved > 1e-6
 
 
 def test_bad_and_missing_checkpoints_name_the_file(tmp_path):

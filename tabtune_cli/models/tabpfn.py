@@ -53,6 +53,11 @@ seed's name (old ``base`` architecture)     module in ``tabpfn.architectures.tab
                                              ``mlp.linear1`` / ``mlp.linear2``)
 ``decoder_dict.standard``                    ``output_projection`` (``.0``, ``.2``)
 =========================================  ===========================================
+
+v2.5 and v2.6 keep these names. v3 and v3.5 are different models (distribution
+embedder, column aggregator, in-context blocks); their default target is
+``icl_blocks``: ``icl_attention.{q,k,v,out}_projection`` and ``mlp.0`` / ``mlp.2``
+of every in-context block (plus the attention's small softmax-scaling MLPs).
 """
 
 from __future__ import annotations
@@ -150,7 +155,10 @@ class TabPFNAdapter(ModelAdapter):
         "tiny": dict(emsize=16, nlayers=2, nhead=2, features_per_group=2, num_buckets=32),
         "small": dict(emsize=64, nlayers=4, nhead=4, features_per_group=2, num_buckets=256),
     }
+    # v2, v2.5, v2.6: the seed's defaults under their real names (see the module docstring)
     default_lora_prefixes = ("feature_group_embedder", "target_embedder", "blocks", "output_projection")
+    # v3, v3.5: the in-context transformer (its attention's q/k/v/out projections and MLPs)
+    default_lora_prefixes_v3 = ("icl_blocks",)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
@@ -295,8 +303,10 @@ class TabPFNAdapter(ModelAdapter):
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):
-        prefixes = list(prefixes or self.default_lora_prefixes)
         names = dict(module.named_modules())
+        if not prefixes:
+            prefixes = self.default_lora_prefixes if "blocks" in names else self.default_lora_prefixes_v3
+        prefixes = list(prefixes)
         unknown = [p for p in prefixes if p not in names]
         if unknown:
             raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of TabPFN")

@@ -6,8 +6,9 @@ from ..errors import TabTuneError
 from .base import ModelAdapter
 from .nano import NanoAdapter
 from .tabicl import TabICLAdapter
+from .tabpfn import TabPFNAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (NanoAdapter, TabICLAdapter)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (NanoAdapter, TabICLAdapter, TabPFNAdapter)}
 
 
 def get_adapter(name: str) -> ModelAdapter:

@@ -1,0 +1,324 @@
+"""TabPFN through the tabpfn package: its architectures, its checkpoint format, LoRA on its real layers.
+
+Versions. ``model.version`` picks the architecture the installed ``tabpfn``
+package provides (``tabpfn.architectures.ARCHITECTURES``): v2, v2.5, v2.6, v3,
+v3.5. The module is built with the package's own ``parse_config`` and
+``get_architecture``; nothing here reimplements the transformer. v2 is the
+default and its weights are open (``Prior-Labs/TabPFN-v2-clf`` /
+``Prior-Labs/TabPFN-v2-reg``); later versions are gated on the Hub, so their
+checkpoint is passed with ``model.checkpoint``. Random-weight named sizes
+(``pretrained: false``) exist for v2.
+
+Checkpoints are TabPFN's official format: a torch ``.ckpt`` holding a dict with
+``state_dict``, ``config`` (the architecture config as a dict) and, from v2.5,
+``architecture_name`` (v2 files have none), or a ``.safetensors`` file with the
+same fields JSON-encoded in its header (v3.5). ``.ckpt`` files are read with
+``torch.load(weights_only=True)``: no code from the file runs. Regression
+checkpoints carry the bar distribution's bucket borders as ``criterion.borders``
+(up to v2.6) or a ``regression_borders`` buffer (v3 on); we keep them as the
+module's ``regression_borders`` buffer so they are saved and reloaded with the
+weights.
+
+Inputs. TabPFN's forward is sequence-first: ``x`` is (rows, batch, features),
+``y`` (context rows, batch); it returns outputs for the rows after the context
+only. In the column attention the query rows attend to the context rows alone
+(multi-query, to the first key/value head), so a query never sees another
+query's features or any label but the context's. One caveat belongs to the
+package: its in-model preprocessing decides whether a column is *constant*
+over all rows passed (context and query); nothing else about the query rows
+reaches another row.
+
+Regression. The model predicts a distribution over ``num_buckets`` bins
+(``FullSupportBarDistribution``): training minimises its negative log density,
+prediction is its mean. tabtune standardises the target, which is the space
+TabPFN's borders are meant for.
+
+LoRA. In the v2 architecture of this package every projection is a separate
+``nn.Linear`` whose forward runs (q/k/v/out projections, the block MLPs, the
+embedders and the decoder), so plain peft LoRA reaches them, live. The seed
+named the older multi-file architecture; the package now loads those
+checkpoints by renaming keys (``_replace_keys_from_base_architecture``), and
+the same map gives our default targets:
+
+=========================================  ===========================================
+seed's name (old ``base`` architecture)     module in ``tabpfn.architectures.tabpfn_v2``
+=========================================  ===========================================
+``encoder.5.layer``                          ``feature_group_embedder``
+``y_encoder.2.layer``                        ``target_embedder``
+``transformer_encoder.layers.{i}``           ``blocks.{i}``: ``per_sample_attention_between_features``
+                                             and ``per_column_attention_between_cells``
+                                             (``q_projection`` ``k_projection`` ``v_projection``
+                                             ``out_projection``), ``mlp.0``, ``mlp.2``
+                                             (old: packed ``_w_qkv`` / ``_w_out``,
+                                             ``mlp.linear1`` / ``mlp.linear2``)
+``decoder_dict.standard``                    ``output_projection`` (``.0``, ``.2``)
+=========================================  ===========================================
+
+v2.5 and v2.6 keep these names. v3 and v3.5 are different models (distribution
+embedder, column aggregator, in-context blocks); their default target is
+``icl_blocks``: ``icl_attention.{q,k,v,out}_projection`` and ``mlp.0`` / ``mlp.2``
+of every in-context block (plus the attention's small softmax-scaling MLPs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..errors import TabTuneError
+from .base import ModelAdapter, Task, class_shift_probs, resolve_checkpoint, under_prefixes
+
+# model.version -> the package's architecture name
+VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
+ESTIMATOR = {"classification": "classifier", "regression": "regressor"}
+
+
+@dataclass
+class TabPFNConfig(ModelConfig):
+    """TabPFN's keys: the shared ones plus the architecture version."""
+
+    name: str = "tabpfn"
+    version: str = "v2"
+
+
+def _architecture_module(architecture_name: str):
+    from tabpfn.architectures import ARCHITECTURES
+
+    if architecture_name not in ARCHITECTURES:
+        raise TabTuneError(f"the installed tabpfn package has no architecture {architecture_name!r} "
+                           f"(it has: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[architecture_name]
+
+
+def _version_of(architecture_name: str) -> str:
+    return next((v for v, a in VERSIONS.items() if a == architecture_name), architecture_name)
+
+
+def _standard_normal_borders(num_buckets: int) -> Tensor:
+    """Bucket borders at equal-probability quantiles of N(0, 1): the random-weight regressor's support."""
+    levels = torch.linspace(0.0005, 0.9995, num_buckets + 1, dtype=torch.float64)
+    return torch.distributions.Normal(0.0, 1.0).icdf(levels).float()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Return the checkpoint dict (``state_dict``, ``config``, ...) without running code from the file."""
+    try:
+        if path.suffix == ".safetensors":
+            from tabpfn.checkpoint import Checkpoint  # header JSON + tensors: no pickle
+
+            checkpoint = Checkpoint(path).load()
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TabTuneError(f"{path}: not a TabPFN checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        raise TabTuneError(f"{path}: not a TabPFN checkpoint (expected a dict with 'config' and 'state_dict')")
+    return checkpoint
+
+
+@contextmanager
+def _frozen(module: nn.Module):
+    """Parameters with ``requires_grad`` off for the block, then as they were.
+
+    torch's matmul folds a 3-D input into one 2-D product or not depending on whether the weight
+    requires grad (even under ``no_grad``), which moves results by an ulp. Freezing makes a pipeline
+    right after training predict bit-for-bit like the same pipeline reloaded (whose weights are frozen).
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class TabPFNAdapter(ModelAdapter):
+    name = "tabpfn"
+    title = "TabPFN"
+    config_class = TabPFNConfig
+    tasks = ("classification", "regression")
+    max_classes = 10
+    repo_id = "Prior-Labs/TabPFN-v2-clf"
+    # the package's default v2 files (tabpfn.model_loading.ModelSource)
+    checkpoints = {"classification": "tabpfn-v2-classifier-finetuned-zk73skhh.ckpt",
+                   "regression": "tabpfn-v2-regressor.ckpt"}
+    sizes = {
+        "tiny": dict(emsize=16, nlayers=2, nhead=2, features_per_group=2, num_buckets=32),
+        "small": dict(emsize=64, nlayers=4, nhead=4, features_per_group=2, num_buckets=256),
+    }
+    # v2, v2.5, v2.6: the seed's defaults under their real names (see the module docstring)
+    default_lora_prefixes = ("feature_group_embedder", "target_embedder", "blocks", "output_projection")
+    # v3, v3.5: the in-context transformer (its attention's q/k/v/out projections and MLPs)
+    default_lora_prefixes_v3 = ("icl_blocks",)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+        if not config.pretrained:
+            return None
+        version = getattr(config, "version", "v2")
+        if version not in VERSIONS:
+            raise TabTuneError(f"model.version: unknown TabPFN version {version!r} (known: {', '.join(VERSIONS)})")
+        from tabpfn.constants import ModelVersion
+        from tabpfn.model_loading import ModelType, _get_model_source
+
+        source = _get_model_source(ModelVersion(version), ModelType(ESTIMATOR[task.kind]))
+        try:
+            return resolve_checkpoint(config, repo_id=source.repo_id, filename=source.default_filename,
+                                      model_title=f"TabPFN {version}")
+        except TabTuneError as exc:
+            if version == "v2" or config.checkpoint:
+                raise
+            raise TabTuneError(f"{exc}. TabPFN {version} weights are gated: accept the license at "
+                               f"https://huggingface.co/{source.repo_id} while logged in, download "
+                               f"{source.default_filename!r} (e.g. `hf download {source.repo_id} "
+                               f"{source.default_filename}`), then pass model.checkpoint=/path/to/"
+                               f"{source.default_filename}") from None
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, config: ModelConfig, task: Task):
+        version = getattr(config, "version", "v2")
+        if version not in VERSIONS:
+            raise TabTuneError(f"model.version: unknown TabPFN version {version!r} (known: {', '.join(VERSIONS)})")
+        estimator = ESTIMATOR[task.kind]
+        if not config.pretrained:
+            if version != "v2":
+                raise TabTuneError(f"model.pretrained=false: random-weight sizes exist for TabPFN v2 only, "
+                                   f"not {version}")
+            if config.size not in self.sizes:
+                raise TabTuneError(f"model.size: unknown size {config.size!r} for tabpfn (known: {', '.join(self.sizes)})")
+            size = dict(self.sizes[config.size])
+            num_buckets = size.pop("num_buckets")
+            arch_config = {**size, "max_num_classes": self.max_classes if task.is_classification else 0,
+                           "num_buckets": -1 if task.is_classification else num_buckets}
+            architecture = {"architecture_name": "tabpfn_v2", "config": arch_config, "estimator": estimator}
+            module = self.from_architecture(architecture)
+            if not task.is_classification:
+                module.regression_borders.copy_(_standard_normal_borders(num_buckets))
+            return module, architecture
+
+        path = self.checkpoint_file(config, task)
+        checkpoint = read_checkpoint(path)
+        # v2 files have no architecture name; v2.5 ones call it "base" (as the package's loader reads them)
+        architecture_name = checkpoint.get("architecture_name", "tabpfn_v2")
+        architecture_name = "tabpfn_v2_5" if architecture_name == "base" else architecture_name
+        if architecture_name != VERSIONS[version]:
+            raise TabTuneError(f"{path}: this is a TabPFN {_version_of(architecture_name)} checkpoint, "
+                               f"but model.version={version}")
+        try:
+            parsed, _ = _architecture_module(architecture_name).parse_config(dict(checkpoint["config"]))
+        except Exception as exc:
+            raise TabTuneError(f"{path}: its config is not a TabPFN {version} config "
+                               f"({str(exc).splitlines()[0][:160]})") from None
+        if task.is_classification and parsed.max_num_classes <= 0:
+            raise TabTuneError(f"{path}: this TabPFN checkpoint has no classification head, but the task is classification")
+        if not task.is_classification and parsed.num_buckets <= 0:
+            raise TabTuneError(f"{path}: this TabPFN checkpoint has no regression head, but the task is regression")
+        architecture = {"architecture_name": architecture_name, "config": dataclasses.asdict(parsed),
+                        "estimator": estimator}
+        module = self.from_architecture(architecture)
+        state = dict(checkpoint["state_dict"])
+        criterion = {k.replace("criterion.", ""): state.pop(k) for k in [k for k in state if "criterion." in k]}
+        if not task.is_classification and "borders" in criterion:
+            state["regression_borders"] = criterion["borders"]
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[0][:160]})") from None
+        return module, architecture
+
+    def from_architecture(self, architecture: dict) -> nn.Module:
+        arch = _architecture_module(architecture["architecture_name"])
+        parsed, _ = arch.parse_config(dict(architecture["config"]))
+        module = arch.get_architecture(parsed)
+        if architecture.get("estimator") == "regressor" and not hasattr(module, "regression_borders"):
+            # v2-v2.6 kept the borders beside the model; we keep them in it so a saved run is whole
+            module.register_buffer("regression_borders", torch.zeros(parsed.num_buckets + 1))
+        return module
+
+    # -- forward -------------------------------------------------------------------------------
+    @staticmethod
+    def _forward(module, X_context: Tensor, y_context: Tensor, X_query: Tensor) -> Tensor:
+        """(B, n_query, n_out) raw outputs: TabPFN's own forward, sequence-first."""
+        X = torch.cat([X_context, X_query], dim=1).transpose(0, 1)
+        out = module(X, y_context.transpose(0, 1).float())
+        return out.transpose(0, 1)
+
+    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task) -> Tensor:
+        out = self._forward(module, X_context, y_context, X_query)
+        if task.is_classification:
+            return out[..., : task.n_classes]
+        self._criterion = bar_distribution(module)
+        return out
+
+    def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
+        if task.is_classification:
+            return super().episode_loss(outputs, y_query, task)
+        criterion = self._criterion.to(outputs.device)
+        return criterion(outputs.transpose(0, 1), y_query.transpose(0, 1).to(outputs.dtype)).mean()
+
+    @torch.no_grad()
+    def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        module.eval()
+        with _frozen(module):
+            return self._predict(module, X_context, y_context, X_query, task, config, device)
+
+    def _predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        n_features = X_context.shape[1]
+        criterion = None if task.is_classification else bar_distribution(module).to(device)
+        chunk = max(256, 8192 - len(X_context))
+        total = None
+        for member in range(config.n_estimators):
+            order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
+            shift = member % task.n_classes if task.is_classification else 0
+            y_ctx = (y_context + shift) % task.n_classes if task.is_classification else y_context
+            Xc = torch.as_tensor(X_context[:, order], device=device, dtype=torch.float32)[None]
+            yc = torch.as_tensor(y_ctx, device=device, dtype=torch.float32)[None]
+            parts = []
+            for start in range(0, len(X_query), chunk):
+                Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device, dtype=torch.float32)[None]
+                out = self._forward(module, Xc, yc, Xq)[0].float()
+                if task.is_classification:
+                    out = torch.softmax(out[:, : task.n_classes] / config.softmax_temperature, dim=-1)
+                else:
+                    out = criterion.mean(out)
+                parts.append(out.cpu().numpy())
+            pred = np.concatenate(parts)
+            if task.is_classification:
+                pred = class_shift_probs(pred, shift)
+            total = pred if total is None else total + pred
+        pred = total / config.n_estimators
+        if task.is_classification:
+            pred = pred / pred.sum(axis=1, keepdims=True)
+        return pred
+
+    # -- LoRA ------------------------------------------------------------------------------------
+    def lora_targets(self, module: nn.Module, prefixes):
+        names = dict(module.named_modules())
+        if not prefixes:
+            prefixes = self.default_lora_prefixes if "blocks" in names else self.default_lora_prefixes_v3
+        prefixes = list(prefixes)
+        unknown = [p for p in prefixes if p not in names]
+        if unknown:
+            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of TabPFN")
+        linears = [n for n, m in names.items() if type(m) is nn.Linear and under_prefixes(n, prefixes)]
+        return linears, []
+
+
+def bar_distribution(module: nn.Module):
+    """The regression output distribution over the module's bucket borders (peft-wrapped or not)."""
+    from tabpfn.architectures.shared.bar_distribution import FullSupportBarDistribution
+
+    borders = next((b for n, b in module.named_buffers() if n.endswith("regression_borders")), None)
+    if borders is None:
+        raise TabTuneError("this TabPFN module has no regression borders: it was built for classification")
+    return FullSupportBarDistribution(borders.detach().float().cpu(), ignore_nan_targets=True)

@@ -1,0 +1,279 @@
+"""TabPFN: official checkpoints load and predict like the tabpfn package's own model; regression; errors; CLI.
+
+The shared promises (episodes, live LoRA, strategies, reload) are in test_adapters.py. Checkpoints are
+written here, with random weights, in the layout of the released TabPFN v2 files (the older multi-file
+architecture's key names, which the package renames on load), because downloads are not possible in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from tabpfn.architectures import tabpfn_v2
+from tabpfn.architectures.shared.bar_distribution import FullSupportBarDistribution
+from tabpfn.model_loading import load_model
+
+from tabtune_cli import TabularPipeline
+from tabtune_cli.config import LoraSettings
+from tabtune_cli.errors import TabTuneError
+from tabtune_cli.models.base import Task
+from tabtune_cli.models.registry import get_adapter
+from tabtune_cli.models.tabpfn import TabPFNConfig
+from tabtune_cli.tuning import lora
+
+from conftest import SEED, TUNE_PARAMS, make_table
+from test_cli import run_dirs, tabtune
+
+EMSIZE, NHEAD, NLAYERS, BUCKETS = 16, 2, 2, 24
+
+
+def released_v2_checkpoint(path, *, regression=False, seed=0):
+    """Write a random-weight TabPFN v2 checkpoint in the released files' format; return the package's model."""
+    config = tabpfn_v2.TabPFNV2Config(emsize=EMSIZE, nhead=NHEAD, nlayers=NLAYERS, features_per_group=2,
+                                      max_num_classes=0 if regression else 10,
+                                      num_buckets=BUCKETS if regression else -1)
+    torch.manual_seed(seed)
+    model = tabpfn_v2.get_architecture(config)
+    with torch.no_grad():  # the zero-initialised output projections would hide wrong loading
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    state = model.state_dict()
+    old = {}  # the inverse of tabpfn_v2._replace_keys_from_base_architecture
+    head = EMSIZE // NHEAD
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            i, rest = key.split(".", 2)[1:]
+            layer = f"transformer_encoder.layers.{i}"
+            attn = {"per_sample_attention_between_features": "self_attn_between_features",
+                    "per_column_attention_between_cells": "self_attn_between_items"}
+            part = rest.split(".")[0]
+            if part in attn:
+                if "q_projection" in rest:
+                    qkv = [state[f"blocks.{i}.{part}.{p}_projection.weight"] for p in "qkv"]
+                    old[f"{layer}.{attn[part]}._w_qkv"] = torch.stack([w.unflatten(0, (NHEAD, head)) for w in qkv])
+                elif "out_projection" in rest:
+                    old[f"{layer}.{attn[part]}._w_out"] = value.T.unflatten(0, (NHEAD, head)).contiguous()
+            elif rest.startswith("mlp."):
+                old[f"{layer}.mlp.linear{1 if rest.startswith('mlp.0') else 2}.weight"] = value
+        elif key.startswith("feature_group_embedder."):
+            old["encoder.5.layer.weight"] = value
+        elif key.startswith("target_embedder."):
+            old[key.replace("target_embedder", f"y_encoder.{1 if regression else 2}.layer")] = value
+        elif key.startswith("output_projection."):
+            old[key.replace("output_projection", "decoder_dict.standard")] = value
+        else:
+            old[key] = value
+    assert any(k.startswith("transformer_encoder.") for k in old) and not any(k.startswith("blocks.") for k in old)
+    if regression:
+        levels = torch.linspace(0.001, 0.999, BUCKETS + 1, dtype=torch.float64)
+        borders = torch.distributions.Normal(0.0, 1.0).icdf(levels).float()
+        # as tabpfn's save_tabpfn_model writes it: the bar distribution's state under "criterion."
+        old.update({f"criterion.{k}": v for k, v in FullSupportBarDistribution(borders).state_dict().items()})
+    # released v2 files: no architecture_name; the config carries extra keys the architecture ignores
+    config_dict = {**dataclasses.asdict(config), "emsize": EMSIZE, "dropout": 0.0, "recompute_attn": False}
+    torch.save({"state_dict": old, "config": config_dict}, path)
+    estimator = "regressor" if regression else "classifier"
+    package_model, criterion, _, _ = load_model(path=path, estimator_type=estimator)
+    return package_model, criterion
+
+
+def episode(n_context=40, n_query=12, n_features=5, seed=0, regression=False):
+    g = torch.Generator().manual_seed(seed)
+    Xc, Xq = torch.randn(1, n_context, n_features, generator=g), torch.randn(1, n_query, n_features, generator=g)
+    yc = torch.randn(1, n_context, generator=g) if regression else torch.arange(n_context)[None] % 3
+    return Xc, yc, Xq
+
+
+def package_outputs(model, Xc, yc, Xq):
+    with torch.no_grad():
+        return model(torch.cat([Xc, Xq], 1).transpose(0, 1), yc.transpose(0, 1).float()).transpose(0, 1)[0]
+
+
+def test_released_v2_checkpoint_loads_and_predicts_like_the_package(tmp_path):
+    path = tmp_path / "tabpfn-v2-classifier-finetuned-zk73skhh.ckpt"
+    package_model, _ = released_v2_checkpoint(path)
+    adapter, task = get_adapter("tabpfn"), Task("classification", 3)
+    module, architecture = adapter.build(TabPFNConfig(checkpoint=str(path), pretrained=True), task)
+    for key, value in package_model.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0)
+    json.dumps(architecture)  # a run saves it as JSON
+    Xc, yc, Xq = episode()
+    expected = package_outputs(package_model, Xc, yc, Xq)
+    module.eval()
+    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected[:, :3])
+    config = TabPFNConfig(checkpoint=str(path), n_estimators=1, softmax_temperature=0.9)
+    proba = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), task, config, torch.device("cpu"))
+    np.testing.assert_allclose(proba, torch.softmax(expected[:, :3] / 0.9, -1).numpy(), atol=1e-5)
+    # the weights mattered: another checkpoint predicts otherwise
+    other, _ = released_v2_checkpoint(tmp_path / "other.ckpt", seed=1)
+    assert (package_outputs(other, Xc, yc, Xq)[:, :3] - expected[:, :3]).abs().max() > 1e-3
+
+
+def test_pipeline_takes_the_checkpoint_through_model_params(tmp_path, split):
+    path = tmp_path / "v2.ckpt"
+    package_model, _ = released_v2_checkpoint(path)
+    X_train, y_train, X_test, _ = split
+    pipe = TabularPipeline(model_name="tabpfn", tuning_strategy="inference", tuning_params=TUNE_PARAMS["inference"],
+                           model_params={"checkpoint": str(path), "pretrained": True, "n_estimators": 1},
+                           device="cpu", seed=SEED).fit(X_train, y_train)
+    for key, value in package_model.state_dict().items():
+        assert torch.equal(pipe.module_.state_dict()[key], value), key
+    proba = pipe.predict_proba(X_test)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    pipe.save(tmp_path / "saved")
+    np.testing.assert_array_equal(TabularPipeline.load(tmp_path / "saved").predict_proba(X_test), proba)
+
+
+def test_regression_checkpoint_predicts_the_bar_distribution_mean_and_trains_on_its_loss(tmp_path):
+    path = tmp_path / "tabpfn-v2-regressor.ckpt"
+    package_model, criterion = released_v2_checkpoint(path, regression=True)
+    adapter, task = get_adapter("tabpfn"), Task("regression")
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    torch.testing.assert_close(module.regression_borders, criterion.borders, rtol=0, atol=0)
+    Xc, yc, Xq = episode(regression=True)
+    expected = criterion.mean(package_outputs(package_model, Xc, yc, Xq))
+    config = TabPFNConfig(checkpoint=str(path), n_estimators=1)
+    pred = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), task, config, torch.device("cpu"))
+    np.testing.assert_allclose(pred, expected.numpy(), rtol=1e-5, atol=1e-5)
+    # training: the native loss is the bar distribution's negative log density, and a step lowers it
+    module.train()
+    yq = torch.randn(1, 12, generator=torch.Generator().manual_seed(3))
+    optimiser = torch.optim.SGD(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = adapter.episode_loss(adapter.episode_logits(module, Xc, yc, Xq, task), yq, task)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    nll = criterion(package_outputs(package_model, Xc, yc, Xq)[:, None], yq.transpose(0, 1)).mean()
+    assert losses[0] == pytest.approx(nll.item(), rel=1e-4)
+    assert losses[-1] < losses[0]
+
+
+def test_regression_peft_trains_adapters_only_and_reloads(tmp_path):
+    path = tmp_path / "regressor.ckpt"
+    released_v2_checkpoint(path, regression=True)
+    X, _ = make_table(n=200)
+    y = X["f0"] * 2.0 + X["f1"]
+    X_train, y_train, X_test = X.iloc[:160], y.iloc[:160], X.iloc[160:]
+    pipe = TabularPipeline(model_name="tabpfn", task_type="regression", tuning_strategy="peft",
+                           tuning_params={**TUNE_PARAMS["peft"], "epochs": 2},
+                           model_params={"checkpoint": str(path), "n_estimators": 1}, device="cpu",
+                           seed=SEED).fit(X_train, y_train)
+    start = torch.load(path, weights_only=True)["state_dict"]
+    base = pipe.module_.get_base_model()
+    torch.testing.assert_close(base.regression_borders, start["criterion.borders"], rtol=0, atol=0)
+    assert torch.equal(base.target_embedder.base_layer.weight, start["y_encoder.1.layer.weight"])
+    # it trained on the bar distribution's loss (the engine keeps the start weights if validation did not improve)
+    result = pipe.train_result_
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert result.steps > 0 and losses and np.isfinite(losses).all() and np.isfinite(result.val_before)
+    pred = pipe.predict(X_test)
+    assert np.isfinite(pred).all() and pred.std() > 0
+    pipe.save(tmp_path)
+    np.testing.assert_array_equal(TabularPipeline.load(tmp_path).predict(X_test), pred)
+
+
+LATER = {  # tiny configs of later architectures, saved as tabpfn's save_tabpfn_model writes them
+    "v2.6": ("tabpfn_v2_6", dict(emsize=16, nlayers=2, nhead=2, features_per_group=3, num_thinking_rows=4,
+                                 encoder_mlp_hidden_dim=16)),
+    "v3": ("tabpfn_v3", dict(embed_dim=16, dist_embed_num_blocks=1, dist_embed_num_heads=2,
+                             dist_embed_num_inducing_points=8, feat_agg_num_blocks=1, feat_agg_num_heads=2,
+                             feat_agg_num_cls_tokens=2, nlayers=2, icl_num_heads=2, decoder_head_dim=8,
+                             decoder_num_heads=2, softmax_scaling_mlp_hidden_dim=8)),
+}
+
+
+@pytest.mark.parametrize("version", sorted(LATER))
+def test_later_versions_load_predict_like_the_package_and_take_live_lora(version, tmp_path):
+    from tabpfn.architectures import ARCHITECTURES
+
+    architecture_name, sizes = LATER[version]
+    architecture = ARCHITECTURES[architecture_name]
+    config, _ = architecture.parse_config({**sizes, "max_num_classes": 10})
+    torch.manual_seed(0)
+    model = architecture.get_architecture(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    path = tmp_path / f"{version}.ckpt"
+    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(config),
+                "architecture_name": architecture_name}, path)
+    package_model, *_ = load_model(path=path, estimator_type="classifier")
+    adapter, task = get_adapter("tabpfn"), Task("classification", 3)
+    with pytest.raises(TabTuneError, match=f"TabPFN {version} checkpoint, but model.version=v2"):
+        adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path), version=version), task)
+    Xc, yc, Xq = episode()
+    module.eval()
+    expected = package_outputs(package_model, Xc, yc, Xq)[:, :3]
+    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected)
+    wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
+    lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    assert len(lora_b) >= 8
+    for p in lora_b:
+        with torch.no_grad():
+            p.normal_(0.0, 0.5)
+        moved = (adapter.episode_logits(wrapped, Xc, yc, Xq, task)[0] - expected).abs().max()
+        with torch.no_grad():
+            p.zero_()
+        assert moved > 1e-6
+
+
+def test_bad_and_missing_checkpoints_name_the_file(tmp_path):
+    adapter, task = get_adapter("tabpfn"), Task("classification", 2)
+    missing = tmp_path / "nowhere.ckpt"
+    with pytest.raises(TabTuneError, match="nowhere.ckpt"):
+        adapter.build(TabPFNConfig(checkpoint=str(missing)), task)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(TabTuneError, match="garbage.ckpt.*not a TabPFN checkpoint"):
+        adapter.build(TabPFNConfig(checkpoint=str(garbage)), task)
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save({"weights": torch.zeros(2)}, wrong)
+    with pytest.raises(TabTuneError, match="wrong.ckpt.*'config' and 'state_dict'"):
+        adapter.build(TabPFNConfig(checkpoint=str(wrong)), task)
+    regressor = tmp_path / "regressor.ckpt"
+    released_v2_checkpoint(regressor, regression=True)
+    with pytest.raises(TabTuneError, match="regressor.ckpt.*no classification head"):
+        adapter.build(TabPFNConfig(checkpoint=str(regressor)), task)
+    with pytest.raises(TabTuneError, match="regressor.ckpt.*TabPFN v2 checkpoint, but model.version=v2.5"):
+        adapter.build(TabPFNConfig(checkpoint=str(regressor), version="v2.5"), Task("regression"))
+
+
+def test_missing_official_weights_say_how_to_get_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter, task = get_adapter("tabpfn"), Task("classification", 2)
+    with pytest.raises(TabTuneError, match="tabpfn-v2-classifier-finetuned-zk73skhh.ckpt.*model.checkpoint"):
+        adapter.build(TabPFNConfig(), task)
+    with pytest.raises(TabTuneError) as gated:
+        adapter.build(TabPFNConfig(version="v2.6"), task)
+    message = str(gated.value)
+    assert "tabpfn-v2.6-classifier-v2.6_default.ckpt" in message and "gated" in message
+    assert "huggingface.co/Prior-Labs/tabpfn_2_6" in message and "model.checkpoint=" in message
+    with pytest.raises(TabTuneError, match="model.version: unknown TabPFN version 'v9'"):
+        adapter.build(TabPFNConfig(version="v9"), task)
+
+
+def test_cli_peft_smoke_run_end_to_end(tmp_path):
+    result = tabtune("train", "debug=smoke", "model=tabpfn", "strategy=peft", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    # the saved adapters sit on the real attention projections and block MLPs
+    lora_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in TabularPipeline.load(run_dir).module_.named_parameters()
+                   if ".lora_A" in n}
+    for block in range(2):
+        for attention in ("per_sample_attention_between_features", "per_column_attention_between_cells"):
+            for projection in ("q_projection", "k_projection", "v_projection", "out_projection"):
+                assert f"base_model.model.blocks.{block}.{attention}.{projection}" in lora_layers
+        assert {f"base_model.model.blocks.{block}.mlp.0", f"base_model.model.blocks.{block}.mlp.2"} <= lora_layers
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, resolve_checkpoint, under_prefixes
+from .base import ModelAdapter, Task, class_shift_probs, resolve_checkpoint
 
 # model.version -> the package's architecture name
 VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
@@ -303,15 +303,9 @@ class TabPFNAdapter(ModelAdapter):
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):
-        names = dict(module.named_modules())
-        if not prefixes:
-            prefixes = self.default_lora_prefixes if "blocks" in names else self.default_lora_prefixes_v3
-        prefixes = list(prefixes)
-        unknown = [p for p in prefixes if p not in names]
-        if unknown:
-            raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of TabPFN")
-        linears = [n for n, m in names.items() if type(m) is nn.Linear and under_prefixes(n, prefixes)]
-        return linears, []
+        if not prefixes and "blocks" not in dict(module.named_modules()):
+            prefixes = self.default_lora_prefixes_v3
+        return [n for n, m in self.modules_under(module, prefixes).items() if type(m) is nn.Linear], []
 
 
 def bar_distribution(module: nn.Module):

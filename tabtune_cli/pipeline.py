@@ -26,7 +26,7 @@ from .data.preprocess import LabelEncoder, Preprocessor
 from .data.split import split_frame
 from .errors import TabTuneError
 from .evaluation.metrics import compute_metrics
-from .models.base import Task
+from .models.base import Task, predict_classes
 from .models.registry import get_adapter
 from .tuning import lora
 from .tuning.episodes import context_rows
@@ -114,10 +114,6 @@ class TabularPipeline:
             y_train = self._scale(values.to_numpy())
             task = Task("regression")
         adapter.check_task(task, strategy.name.value)
-        if trains and task.is_classification and adapter.max_classes and task.n_classes > adapter.max_classes:
-            raise TabTuneError(f"{adapter.title}'s head is {adapter.max_classes} wide but the target has "
-                               f"{task.n_classes} classes: fine-tuning needs at most {adapter.max_classes} "
-                               f"(strategy=inference handles more)")
 
         module, self.architecture_ = adapter.build(model_config, task)
         module.to(device)
@@ -174,8 +170,8 @@ class TabularPipeline:
         Xq = self.preprocessor_.transform(X)
         labels = self.context_y_ if self.task_.is_classification else None
         ctx = context_rows(labels, len(self.context_y_), self.model_config_.max_context_rows, self.seed)
-        return self.adapter_.predict(self.module_, self.context_X_[ctx], self.context_y_[ctx], Xq, self.task_,
-                                     self.model_config_, self.device_)
+        return predict_classes(self.adapter_, self.module_, self.context_X_[ctx], self.context_y_[ctx], Xq,
+                               self.task_, self.model_config_, self.device_)
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``."""

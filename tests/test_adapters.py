@@ -6,6 +6,7 @@ Adding a model adds nothing here: the tests run over ``ADAPTERS``.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -100,3 +101,53 @@ def test_strategy_invariants_and_reload(name, strategy, split, tmp_path):
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     pipe.save(tmp_path)
     np.testing.assert_array_equal(TabularPipeline.load(tmp_path).predict_proba(X_test), proba)
+
+
+class NearestLabel(torch.nn.Module):
+    """A stand-in model: 0.9 on the label of the nearest context row, the rest spread evenly."""
+
+    max_features = 100
+
+
+class NearestAdapter:
+    max_classes = 10
+    native_many_classes = False
+
+    @staticmethod
+    def predict(module, X_context, y_context, X_query, task, config, device):
+        nearest = ((X_query[:, None, :] - X_context[None]) ** 2).sum(-1).argmin(1)
+        probs = np.full((len(X_query), task.n_classes), 0.1 / (task.n_classes - 1))
+        probs[np.arange(len(X_query)), y_context[nearest]] = 0.9
+        return probs
+
+
+def test_the_class_hierarchy_reaches_every_class_and_sums_to_one():
+    from tabtune_cli.models.base import predict_classes
+
+    rng = np.random.default_rng(0)
+    X_context = rng.normal(size=(260, 3))
+    y_context = np.arange(260) % 26
+    X_query = X_context[:52] + 1e-3
+    probs = predict_classes(NearestAdapter(), None, X_context, y_context, X_query, Task("classification", 26),
+                            None, None)
+    assert probs.shape == (52, 26)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(probs.argmax(axis=1), y_context[:52])
+    assert probs.max(axis=1).min() == pytest.approx(0.81)  # 0.9 for the group x 0.9 within it
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("strategy", ["inference", "peft"])
+def test_more_classes_than_the_head_work(name, strategy):
+    rng = np.random.default_rng(1)
+    X = pd.DataFrame(rng.normal(size=(390, 4)), columns=list("abcd"))
+    y = pd.Series(pd.qcut(X["a"], 13, labels=False).map(lambda k: f"k{k:02d}"), name="label")
+    records = []
+    pipe = TabularPipeline(model_name=name, tuning_strategy=strategy, tuning_params=TUNE_PARAMS[strategy],
+                           model_params={"pretrained": False, "size": "tiny", "n_estimators": 1}, device="cpu",
+                           seed=SEED).fit(X.iloc[:300], y.iloc[:300], on_record=records.append)
+    proba = pipe.predict_proba(X.iloc[300:])
+    assert proba.shape == (90, 13) and len(pipe.classes_) == 13
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    if strategy == "peft":
+        assert any("loss" in r and np.isfinite(r["loss"]) for r in records)

@@ -37,6 +37,9 @@ class ModelAdapter:
     config_class: ClassVar[type] = ModelConfig
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     max_classes: ClassVar[int | None] = None   # widest head; None = unlimited
+    # True where the model's own predict handles more classes than its head (TabICL's hierarchy);
+    # otherwise tabtune's generic hierarchy (predict_classes) does
+    native_many_classes: ClassVar[bool] = False
     sizes: ClassVar[dict[str, dict]] = {}      # named random-weight sizes
     repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
     checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
@@ -95,6 +98,35 @@ class ModelAdapter:
         """Refuse a task this model cannot do, before any training."""
         if task.kind not in self.tasks:
             raise TabTuneError(f"model {self.name!r} does not support {task.kind} (it supports: {', '.join(self.tasks)})")
+
+
+def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndarray, y_context: np.ndarray,
+                    X_query: np.ndarray, task: Task, config: ModelConfig, device: torch.device) -> np.ndarray:
+    """``adapter.predict``, for any number of classes: beyond the head's width, a hierarchy of heads.
+
+    The classes are split into at most ``max_classes`` balanced groups; the model predicts the
+    group (context labelled by group), then the class within each group (context restricted to
+    that group's rows), and the product is the class probability. Groups wider than the head
+    recurse. Fine-tuning trains on the same within-group episodes (``tuning.episodes``).
+    """
+    width = adapter.max_classes
+    if not task.is_classification or width is None or task.n_classes <= width or adapter.native_many_classes:
+        return adapter.predict(module, X_context, y_context, X_query, task, config, device)
+    n_groups = min(width, int(np.ceil(task.n_classes / width)))
+    groups = np.array_split(np.arange(task.n_classes), n_groups)
+    group_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)])
+    top = predict_classes(adapter, module, X_context, group_of[y_context], X_query,
+                          Task(task.kind, n_groups), config, device)
+    probs = np.zeros((len(X_query), task.n_classes))
+    for i, members in enumerate(groups):
+        rows = np.isin(y_context, members)
+        if len(members) == 1:
+            probs[:, members[0]] = top[:, i]
+            continue
+        inner = predict_classes(adapter, module, X_context[rows], np.searchsorted(members, y_context[rows]),
+                                X_query, Task(task.kind, len(members)), config, device)
+        probs[:, members] = top[:, i:i + 1] * inner
+    return probs
 
 
 def under_prefixes(name: str, prefixes: list[str]) -> bool:

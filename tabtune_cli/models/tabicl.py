@@ -69,6 +69,7 @@ class TabICLAdapter(ModelAdapter):
     title = "TabICL"
     tasks = ("classification", "regression")
     max_classes = 10
+    native_many_classes = True  # TabICL's eval path builds its own class hierarchy
     repo_id = REPO_ID
     checkpoints = CHECKPOINTS
     sizes = {

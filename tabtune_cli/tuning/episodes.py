@@ -4,6 +4,11 @@ One epoch walks a seeded permutation of the training rows in query-sized
 slices, so every row is a query at least once per epoch; each slice's context is drawn
 from the *other* rows (stratified for classification), so no row ever sees
 its own label.
+
+More classes than the model's head: each epoch deals the classes at random into
+groups of at most ``max_classes`` and walks each group's rows as above, so an
+episode holds one group's classes, relabelled 0..k-1 — the same sub-problems the
+hierarchical inference (``models.base.predict_classes``) asks the model to solve.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ class Episode:
     # features and class ids relabelled too: the model must read labels from the context, not
     # memorise which id means what.
     feature_order: np.ndarray | None = None
-    class_order: np.ndarray | None = None
+    class_order: np.ndarray | None = None  # global class id -> the episode's label
+    n_classes: int | None = None           # labels the episode uses (0..n_classes-1)
 
 
 def stratified_pick(labels: np.ndarray, candidates: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,30 +44,46 @@ def stratified_pick(labels: np.ndarray, candidates: np.ndarray, size: int, rng: 
 
 def epoch_episodes(labels: np.ndarray | None, n_rows: int, context_size: int, query_size: int,
                    rng: np.random.Generator, n_features: int | None = None,
-                   n_classes: int | None = None) -> list[Episode]:
+                   n_classes: int | None = None, max_classes: int | None = None) -> list[Episode]:
     """Return the episodes of one epoch; ``labels`` (class codes) makes the context stratified.
 
     With ``n_features`` / ``n_classes`` each episode also carries a random feature order and
-    class relabelling."""
+    class relabelling; with ``n_classes > max_classes`` each episode covers one group of classes."""
     if n_rows < 2:
         raise ValueError("episodes need at least two training rows")
-    query_size = min(query_size, max(1, n_rows // 2))
-    order = rng.permutation(n_rows)
+    if labels is not None and n_classes and max_classes and n_classes > max_classes:
+        dealt = rng.permutation(n_classes)
+        groups = np.array_split(dealt, int(np.ceil(n_classes / max_classes)))
+        pools = [np.flatnonzero(np.isin(labels, g)) for g in groups]
+    else:
+        groups = [np.arange(n_classes)] if n_classes else [None]
+        pools = [np.arange(n_rows)]
+    smallest = min(len(p) for p in pools)
+    if smallest < 2:
+        raise ValueError("every group of classes needs at least two training rows")
+    query_size = min(query_size, max(1, smallest // 2))
+    size = min(context_size, smallest - query_size)
     episodes = []
-    size = min(context_size, n_rows - query_size)
-    for start in range(0, n_rows, query_size):
-        # the last slice reaches back so every episode has the same shape and batches stack
-        query = order[min(start, n_rows - query_size):][:query_size]
-        others = np.setdiff1d(np.arange(n_rows), query, assume_unique=True)
-        if labels is None:
-            context = rng.choice(others, size=size, replace=False)
-        else:
-            context = stratified_pick(labels, others, size, rng)
-        episodes.append(Episode(
-            context=context, query=query,
-            feature_order=rng.permutation(n_features) if n_features else None,
-            class_order=rng.permutation(n_classes) if n_classes else None))
-    return episodes
+    for group, pool in zip(groups, pools):
+        order = rng.permutation(pool)
+        for start in range(0, len(pool), query_size):
+            # the last slice reaches back so every episode has the same shape and batches stack
+            query = order[min(start, len(pool) - query_size):][:query_size]
+            others = np.setdiff1d(pool, query, assume_unique=True)
+            if labels is None:
+                context = rng.choice(others, size=size, replace=False)
+            else:
+                context = stratified_pick(labels, others, size, rng)
+            class_order = None
+            if group is not None:
+                class_order = np.zeros(n_classes, dtype=np.int64)
+                class_order[group] = rng.permutation(len(group))
+            episodes.append(Episode(
+                context=context, query=query,
+                feature_order=rng.permutation(n_features) if n_features else None,
+                class_order=class_order, n_classes=None if group is None else len(group)))
+    # interleave the groups' episodes so a batch mixes them
+    return [episodes[i] for i in rng.permutation(len(episodes))]
 
 
 def context_rows(labels: np.ndarray | None, n_rows: int, cap: int, seed: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig, StrategyConfig
 from ..errors import TabTuneError
 from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
-from ..models.base import ModelAdapter, Task
+from ..models.base import ModelAdapter, Task, predict_classes
 from .episodes import context_rows, epoch_episodes
 
 log = logging.getLogger("tabtune")
@@ -73,7 +73,7 @@ def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split,
     """The validation metric (lower is better) with the training split as context."""
     labels = train.y if task.is_classification else None
     ctx = context_rows(labels, len(train.y), model_config.max_context_rows, seed)
-    pred = adapter.predict(module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
+    pred = predict_classes(adapter, module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
     name, _ = VALIDATION_METRIC[task.kind]
     return compute_metrics(task.kind, val.y, pred)[name]
 
@@ -109,7 +109,14 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         optimizer = torch.optim.SGD(params, lr=strategy.learning_rate, momentum=0.9, weight_decay=strategy.weight_decay)
     n_rows = len(train_split.y)
     query_size = min(strategy.query_size, max(1, n_rows // 2))
-    episodes_per_epoch = math.ceil(n_rows / query_size)
+    labels = train_split.y if task.is_classification else None
+
+    def episodes_of(rng):
+        return epoch_episodes(labels, n_rows, strategy.context_size, query_size, rng,
+                              n_features=train_split.X.shape[1], n_classes=task.n_classes or None,
+                              max_classes=adapter.max_classes)
+
+    episodes_per_epoch = len(episodes_of(np.random.default_rng(0)))
     batches_per_epoch = math.ceil(episodes_per_epoch / strategy.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / strategy.gradient_accumulation_steps)
     total_steps = steps_per_epoch * strategy.epochs
@@ -126,7 +133,6 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             on_record(entry)
 
     rng = np.random.default_rng(seed)
-    labels = train_split.y if task.is_classification else None
     X_all = torch.as_tensor(train_split.X, device=device)
     y_all = torch.as_tensor(train_split.y, device=device)
     metric_name, _ = VALIDATION_METRIC[task.kind]
@@ -146,16 +152,17 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         bar = progress.add_task("fine-tuning", total=total_steps, status="")
         for epoch in range(1, strategy.epochs + 1):
             module.train()
-            episodes = epoch_episodes(labels, n_rows, strategy.context_size, query_size, rng,
-                                      n_features=train_split.X.shape[1], n_classes=task.n_classes or None)
+            episodes = episodes_of(rng)
             batches = [episodes[i:i + strategy.batch_size] for i in range(0, len(episodes), strategy.batch_size)]
             optimizer.zero_grad(set_to_none=True)
             running = []
             for b, batch in enumerate(batches):
                 Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device)
+                episode_task = task if not task.is_classification else Task(
+                    task.kind, max(e.n_classes for e in batch))
                 with autocast():
-                    out = adapter.episode_logits(module, Xc, yc, Xq, task)
-                    loss = adapter.episode_loss(out.float(), yq, task)
+                    out = adapter.episode_logits(module, Xc, yc, Xq, episode_task)
+                    loss = adapter.episode_loss(out.float(), yq, episode_task)
                 if not torch.isfinite(loss):
                     raise TabTuneError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
                                        f"lower strategy.learning_rate (now {strategy.learning_rate})")

@@ -82,7 +82,6 @@ from .tabpfn import _frozen  # requires_grad off while predicting: bit-equal to 
 
 REPO_ID = "Layer6/TabDPT"
 CHECKPOINT = "tabdpt1_3.safetensors"  # tabdpt.estimator._MODEL_NAME
-SEED_NAMES = {"y_encoder": None}  # resolved per task in lora_targets
 ROWS_PER_FORWARD = 65536  # query chunking: rows (context + query) per forward pass
 
 

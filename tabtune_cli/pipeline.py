@@ -29,7 +29,6 @@ from .evaluation.metrics import compute_metrics
 from .models.base import Task, predict_classes
 from .models.registry import get_adapter
 from .tuning import lora
-from .tuning.episodes import context_rows
 from .tuning.trainer import Split, train
 
 FORMAT_VERSION = 1
@@ -169,7 +168,7 @@ class TabularPipeline:
             X = pd.DataFrame(np.asarray(X), columns=self.preprocessor_.state["input_columns"])
         Xq = self.preprocessor_.transform(X)
         labels = self.context_y_ if self.task_.is_classification else None
-        ctx = context_rows(labels, len(self.context_y_), self.model_config_.max_context_rows, self.seed)
+        ctx = self.adapter_.prediction_context(labels, len(self.context_y_), self.model_config_, self.seed)
         return predict_classes(self.adapter_, self.module_, self.context_X_[ctx], self.context_y_[ctx], Xq,
                                self.task_, self.model_config_, self.device_)
 

@@ -208,9 +208,9 @@ def test_help_and_ls_list_what_exists(tmp_path):
     assert top.returncode == 0 and "train" in top.stdout and "ls" in top.stdout
     train_help = tabtune("train", "--help", cwd=tmp_path)
     assert "strategy: base-ft, inference, peft" in train_help.stdout
-    assert "model: nano, tabicl, tabpfn" in train_help.stdout
+    assert "model: nano, tabdpt, tabicl, tabpfn" in train_help.stdout
     listing = tabtune("ls", cwd=tmp_path, env={"COLUMNS": "200"})
-    for word in ("nano", "tabicl", "tabpfn", "base-ft", "peft", "breast_cancer", "diabetes", "smoke"):
+    for word in ("nano", "tabdpt", "tabicl", "tabpfn", "base-ft", "peft", "breast_cancer", "diabetes", "smoke"):
         assert word in listing.stdout
     unknown = tabtune("fly", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown command 'fly'" in unknown.stderr

@@ -78,6 +78,20 @@ class ModelAdapter:
         """Class probabilities (n_query, n_classes), or point predictions (n_query,) for regression."""
         raise NotImplementedError
 
+    # -- context -----------------------------------------------------------------------------
+    def prediction_context(self, labels: np.ndarray | None, n_rows: int, config: ModelConfig, seed: int) -> np.ndarray:
+        """Training rows handed to :meth:`predict` as context: all, or a seeded stratified ``max_context_rows``."""
+        from ..tuning.episodes import context_rows
+
+        return context_rows(labels, n_rows, config.max_context_rows, seed)
+
+    def plan_episodes(self, episodes: list, X: np.ndarray, config: ModelConfig, rng: np.random.Generator) -> list:
+        """One epoch's episodes as this model trains on them (default: the sampler's, unchanged).
+
+        A model whose prediction context is not a random sample (e.g. retrieved neighbours) reshapes
+        them here, keeping context and query rows disjoint."""
+        return episodes
+
     # -- LoRA --------------------------------------------------------------------------------
     default_lora_prefixes: ClassVar[tuple[str, ...]] = ()
 

@@ -6,9 +6,10 @@ from ..errors import TabTuneError
 from .base import ModelAdapter
 from .nano import NanoAdapter
 from .tabicl import TabICLAdapter
+from .tabdpt import TabDPTAdapter
 from .tabpfn import TabPFNAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (NanoAdapter, TabICLAdapter, TabPFNAdapter)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (NanoAdapter, TabDPTAdapter, TabICLAdapter, TabPFNAdapter)}
 
 
 def get_adapter(name: str) -> ModelAdapter:

@@ -25,7 +25,7 @@ from ..config import ModelConfig, StrategyConfig
 from ..errors import TabTuneError
 from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
 from ..models.base import ModelAdapter, Task, predict_classes
-from .episodes import context_rows, epoch_episodes
+from .episodes import epoch_episodes
 
 log = logging.getLogger("tabtune")
 
@@ -72,7 +72,7 @@ def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split,
              model_config: ModelConfig, device: torch.device, seed: int) -> float:
     """The validation metric (lower is better) with the training split as context."""
     labels = train.y if task.is_classification else None
-    ctx = context_rows(labels, len(train.y), model_config.max_context_rows, seed)
+    ctx = adapter.prediction_context(labels, len(train.y), model_config, seed)
     pred = predict_classes(adapter, module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
     name, _ = VALIDATION_METRIC[task.kind]
     return compute_metrics(task.kind, val.y, pred)[name]
@@ -153,6 +153,9 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         for epoch in range(1, strategy.epochs + 1):
             module.train()
             episodes = episodes_of(rng)
+            if not task.is_classification or task.n_classes <= (adapter.max_classes or task.n_classes):
+                # class-grouped episodes (more classes than the head) keep the sampler's groups
+                episodes = adapter.plan_episodes(episodes, train_split.X, model_config, rng)
             batches = [episodes[i:i + strategy.batch_size] for i in range(0, len(episodes), strategy.batch_size)]
             optimizer.zero_grad(set_to_none=True)
             running = []

@@ -8,10 +8,8 @@ training config as JSON under the ``cfg`` metadata key), because downloads are n
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -29,7 +27,6 @@ from tabtune_cli.tuning.episodes import epoch_episodes
 from conftest import SEED, TUNE_PARAMS
 from test_cli import run_dirs, tabtune
 
-CONCRETE = Path("/work/shared/datasets/concrete.parquet")
 CPU = torch.device("cpu")
 
 
@@ -197,21 +194,3 @@ def test_cli_peft_smoke_run_end_to_end(tmp_path):
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
 
 
-@pytest.mark.skipif(not CONCRETE.is_file(), reason=f"{CONCRETE} is absent (the shared real-data tables)")
-def test_base_ft_from_tiny_random_weights_learns_concrete_regression():
-    data = pd.read_parquet(CONCRETE)
-    y, X = data.pop("compressive_strength"), data
-    order = np.random.default_rng(0).permutation(len(X))
-    train, test = order[: int(0.8 * len(X))], order[int(0.8 * len(X)):]
-    pipe = TabularPipeline(model_name="tabdpt", task_type="regression", tuning_strategy="base-ft",
-                           tuning_params=CONCRETE_TUNING, model_params={"pretrained": False, "size": "tiny",
-                                                                        "n_estimators": 1},
-                           device="cpu", seed=SEED).fit(X.iloc[train], y.iloc[train])
-    metrics = pipe.evaluate(X.iloc[test], y.iloc[test])
-    assert pipe.train_result_.best_epoch > 0
-    assert metrics["r2"] > 0.0, metrics
-
-
-# 30 short epochs of one 64-query episode per step: test R² ~0.58 in ~4 s on one CPU thread (15 epochs: ~0.3)
-CONCRETE_TUNING = {"epochs": 30, "context_size": 256, "query_size": 64, "batch_size": 1, "learning_rate": 3e-3,
-                   "scheduler": "constant", "early_stopping_patience": None, "show_progress": False}

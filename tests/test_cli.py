@@ -176,6 +176,8 @@ def bad_tables(tmp_path_factory):
     (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
     (["strategy.learnign_rate=0.1"], "'strategy.learnign_rate'"),
     (["model.checkpoint={root}/nope.ckpt"], "model.checkpoint: no such file"),
+    (["model=nano", "dataset=diabetes", "dataset.task=regression"], "model 'nano' does not support regression"),
+    (["model=nano", "dataset=diabetes"], "model 'nano' does not support regression"),
     (["model.pretrained=true"], "pass model.checkpoint=/path/to/tabicl-classifier-v2-20260212.ckpt"),
     (["model.pretrained=true", "model.allow_download=true"], "tabicl-classifier-v2-20260212.ckpt"),
 ])

@@ -788,3 +788,31 @@ def test_many_class_episodes_hold_one_group_of_classes_each():
         queried |= set(e.query)
     assert queried == set(range(len(labels)))
     assert {e.context.shape for e in episodes} == {(64,)} and {e.query.shape for e in episodes} == {(16,)}
+
+
+def test_official_regression_checkpoint_loads_and_predicts_the_official_quantiles(tmp_path):
+    architecture = {**TabICLAdapter.sizes["tiny"], "max_classes": 0, "zero_init": False}
+    torch.manual_seed(7)
+    official = TabICL(**architecture)
+    path = tmp_path / "tabicl-regressor-tiny.ckpt"
+    torch.save({"config": architecture, "state_dict": official.state_dict()}, path)
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(160, 4)), columns=list("abcd"))
+    y = pd.Series(3.0 * X["a"] + rng.normal(scale=0.1, size=160) + 50.0, name="strength")
+    pipe = TabularPipeline(task_type="regression", model_params={"checkpoint": str(path), "n_estimators": 1},
+                           device="cpu").fit(X.iloc[:120], y.iloc[:120])
+    assert changed_keys(pipe.module_.state_dict(), official.state_dict()) == []
+    # the pipeline's point prediction is the mean of the official model's quantiles, in the target's units
+    official.eval()
+    Xq = pipe.preprocessor_.transform(X.iloc[120:])
+    full_precision = InferenceConfig()
+    for part in (full_precision.COL_CONFIG, full_precision.ROW_CONFIG, full_precision.ICL_CONFIG):
+        part.update({"use_amp": False})
+    with torch.no_grad():
+        quantiles = official(torch.as_tensor(np.concatenate([pipe.context_X_, Xq]))[None],
+                             torch.as_tensor(pipe.context_y_)[None], inference_config=full_precision)[0]
+    mean, std = pipe.target_scale_
+    expected = quantiles.sort(dim=-1).values.mean(dim=-1).numpy() * std + mean
+    np.testing.assert_allclose(pipe.predict(X.iloc[120:]), expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(TabTuneError, match="regression checkpoint, but the task is classification"):
+        TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X.iloc[:120], (y.iloc[:120] > 50))

@@ -85,7 +85,8 @@ def execute(cfg: DictConfig) -> dict:
     try:
         adapter, model, strategy, lora, dataset, values = plain_configs(cfg)
         data = load_dataset(dataset, values["seed"])
-        # a missing checkpoint is the user's to fix: say so before a run directory exists
+        # an unsupported task or a missing checkpoint is the user's to fix: say so before a run directory exists
+        adapter.check_task(Task(data.task), strategy.name.value)
         adapter.checkpoint_file(model, Task(data.task))
     except TabTuneError:
         _remove_if_empty(target_dir)

@@ -242,3 +242,20 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(elsewhere / "runs")
     assert rundir.is_complete(run_dir) and json.loads((run_dir / "metrics.json").read_text())["rows"]["test"] == 30
+
+
+def test_regression_end_to_end_for_every_regression_model(tmp_path):
+    result = tabtune("train", "-m", *SMOKE, "dataset=diabetes", "model=tabicl,tabpfn,tabdpt", "strategy=base-ft",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    dirs = run_dirs(tmp_path / "runs" / "multirun")
+    assert [d.name.split("_", 1)[1] for d in dirs] == ["tabicl_base-ft", "tabpfn_base-ft", "tabdpt_base-ft"]
+    for run_dir in dirs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert set(metrics["test"]) == {"rmse", "mae", "r2"} and metrics["test"]["mae"] <= metrics["test"]["rmse"]
+        predictions = pd.read_parquet(run_dir / "predictions.parquet")
+        # in the target's own units (diabetes progression: about 25..346), not standardised
+        assert predictions["prediction"].between(0, 400).all() and predictions["prediction"].mean() > 50
+        assert "r2" in (run_dir / "train.log").read_text()
+        reloaded = TabularPipeline.load(run_dir)
+        assert reloaded.task_.kind == "regression"

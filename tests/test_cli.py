@@ -112,6 +112,9 @@ def check_run(run_dir: Path, strategy: str) -> dict:
     if strategy != "inference":
         history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
         assert any("loss" in h for h in history) and any("val_log_loss" in h for h in history)
+        assert (run_dir / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (run_dir / "training.png").exists()
     assert not any(p.suffix in (".pkl", ".pickle", ".pt") for p in run_dir.iterdir())
     assert not list(run_dir.glob(".*partial"))
     # the saved run reloads and reproduces its own test predictions

@@ -16,6 +16,7 @@ from .. import rundir
 from ..config import DatasetConfig, LoraSettings, StrategyConfig, check_strategy, from_dict, to_dict
 from ..data.dataset import load_dataset
 from ..errors import TabTuneError
+from ..evaluation.plots import training_curves
 from ..hydra_conf import compose_train, conf_dir, expand_sweeps, one_line, register
 from ..models.base import Task
 from ..models.registry import get_adapter
@@ -147,6 +148,9 @@ def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> dict
                "rows": {"train": summary["rows"]["train"], "val": summary["rows"]["val"], "test": len(X_test)}}
     if "training" in summary:
         metrics["training"] = summary["training"]
+    if pipeline.train_result_ is not None:
+        training_curves(pipeline.train_result_.history, run_dir / "training.png",
+                        f"{model.name} · {strategy.name.value} · {data.name}")
     rundir.write_json(run_dir / "metrics.json", metrics)
     log.info("test metrics: %s", test)
     return metrics

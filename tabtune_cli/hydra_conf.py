@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -12,12 +14,11 @@ from .config import DatasetConfig, Device, LoraSettings, StrategyConfig
 from .errors import TabTuneError
 from .models.registry import ADAPTERS
 
-from dataclasses import dataclass, field
-from typing import Any
-
 
 @dataclass
 class TrainSchema:
+    """The top of ``train.yaml``; each model group option brings its own schema for ``model``."""
+
     model: Any = None
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs
+from .base import ModelAdapter, Task, ensemble_predict
 
 CLIP = 5.0
 
@@ -157,27 +157,15 @@ class NanoAdapter(ModelAdapter):
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        rng = np.random.default_rng(0)
-        n_features = X_context.shape[1]
         limit = getattr(module, "max_features", None) or module.get_base_model().max_features
-        total = 0.0
-        chunk = 4096
-        for member in range(config.n_estimators):
-            if n_features > limit:  # wider tables: each member sees its own random subset of columns
-                order = np.sort(rng.choice(n_features, size=limit, replace=False))
-            else:
-                order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
-            shift = member % task.n_classes
-            Xc = torch.as_tensor(X_context[:, order], device=device)[None]
-            yc = torch.as_tensor((y_context + shift) % task.n_classes, device=device)[None]
-            parts = []
-            for start in range(0, len(X_query), chunk):
-                Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device)[None]
-                logits = module(Xc, yc, Xq)[0, :, : task.n_classes].float()
-                parts.append(torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy())
-            total = total + class_shift_probs(np.concatenate(parts), shift)
-        probs = total / config.n_estimators
-        return probs / probs.sum(axis=1, keepdims=True)
+
+        def forward(Xc, yc, Xq):
+            logits = module(torch.as_tensor(Xc, device=device)[None], torch.as_tensor(yc, device=device)[None],
+                            torch.as_tensor(Xq, device=device)[None])[0, :, : task.n_classes].float()
+            return torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy()
+
+        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, forward, chunk=4096,
+                                max_features=limit)
 
     def lora_targets(self, module: nn.Module, prefixes):
         return [n for n, m in self.modules_under(module, prefixes).items() if isinstance(m, nn.Linear)], []

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs
+from .base import ModelAdapter, Task, ensemble_predict
 
 REPO_ID = "jingang/TabICL"
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -130,37 +130,22 @@ class TabICLAdapter(ModelAdapter):
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        rng = np.random.default_rng(0)
-        n_features = X_context.shape[1]
-        total = None
         inference = InferenceConfig()
         for part in (inference.COL_CONFIG, inference.ROW_CONFIG, inference.ICL_CONFIG):
             part.update({"use_amp": device.type == "cuda"})
-        chunk = max(256, 8192 - len(X_context))
-        for member in range(config.n_estimators):
-            order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
-            shift = member % task.n_classes if task.is_classification else 0
-            y_ctx = (y_context + shift) % task.n_classes if task.is_classification else y_context
-            Xc = torch.as_tensor(X_context[:, order], device=device)
-            yc = torch.as_tensor(y_ctx, device=device, dtype=torch.float32)[None]
-            parts = []
-            for start in range(0, len(X_query), chunk):
-                Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device)
-                X = torch.cat([Xc, Xq], dim=0)[None]
-                if task.is_classification:
-                    out = module(X, yc, return_logits=False, softmax_temperature=config.softmax_temperature,
-                                 inference_config=inference)[0]
-                else:
-                    out = module(X, yc, inference_config=inference)[0].sort(dim=-1).values.mean(dim=-1)
-                parts.append(out.float().cpu().numpy())
-            pred = np.concatenate(parts)
+
+        def forward(Xc, yc, Xq):
+            X = torch.as_tensor(np.concatenate([Xc, Xq]), device=device)[None]
+            y = torch.as_tensor(yc, device=device, dtype=torch.float32)[None]
             if task.is_classification:
-                pred = class_shift_probs(pred, shift)
-            total = pred if total is None else total + pred
-        pred = total / config.n_estimators
-        if task.is_classification:
-            pred = pred / pred.sum(axis=1, keepdims=True)
-        return pred
+                out = module(X, y, return_logits=False, softmax_temperature=config.softmax_temperature,
+                             inference_config=inference)[0]
+            else:
+                out = module(X, y, inference_config=inference)[0].sort(dim=-1).values.mean(dim=-1)
+            return out.float().cpu().numpy()
+
+        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, forward,
+                                chunk=max(256, 8192 - len(X_context)))
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):

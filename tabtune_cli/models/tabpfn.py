@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, resolve_checkpoint
+from .base import ModelAdapter, Task, ensemble_predict, resolve_checkpoint
 
 # model.version -> the package's architecture name
 VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
@@ -272,34 +272,19 @@ class TabPFNAdapter(ModelAdapter):
             return self._predict(module, X_context, y_context, X_query, task, config, device)
 
     def _predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
-        rng = np.random.default_rng(0)
-        n_features = X_context.shape[1]
         criterion = None if task.is_classification else bar_distribution(module).to(device)
-        chunk = max(256, 8192 - len(X_context))
-        total = None
-        for member in range(config.n_estimators):
-            order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
-            shift = member % task.n_classes if task.is_classification else 0
-            y_ctx = (y_context + shift) % task.n_classes if task.is_classification else y_context
-            Xc = torch.as_tensor(X_context[:, order], device=device, dtype=torch.float32)[None]
-            yc = torch.as_tensor(y_ctx, device=device, dtype=torch.float32)[None]
-            parts = []
-            for start in range(0, len(X_query), chunk):
-                Xq = torch.as_tensor(X_query[start:start + chunk][:, order], device=device, dtype=torch.float32)[None]
-                out = self._forward(module, Xc, yc, Xq)[0].float()
-                if task.is_classification:
-                    out = torch.softmax(out[:, : task.n_classes] / config.softmax_temperature, dim=-1)
-                else:
-                    out = criterion.mean(out)
-                parts.append(out.cpu().numpy())
-            pred = np.concatenate(parts)
+
+        def forward(Xc, yc, Xq):
+            as_tensor = lambda a: torch.as_tensor(a, device=device, dtype=torch.float32)[None]  # noqa: E731
+            out = self._forward(module, as_tensor(Xc), as_tensor(yc), as_tensor(Xq))[0].float()
             if task.is_classification:
-                pred = class_shift_probs(pred, shift)
-            total = pred if total is None else total + pred
-        pred = total / config.n_estimators
-        if task.is_classification:
-            pred = pred / pred.sum(axis=1, keepdims=True)
-        return pred
+                out = torch.softmax(out[:, : task.n_classes] / config.softmax_temperature, dim=-1)
+            else:
+                out = criterion.mean(out)
+            return out.cpu().numpy()
+
+        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, forward,
+                                chunk=max(256, 8192 - len(X_context)))
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):

@@ -105,13 +105,9 @@ def test_strategy_invariants_and_reload(name, strategy, split, tmp_path):
     np.testing.assert_array_equal(TabularPipeline.load(tmp_path).predict_proba(X_test), proba)
 
 
-class NearestLabel(torch.nn.Module):
+class NearestAdapter:
     """A stand-in model: 0.9 on the label of the nearest context row, the rest spread evenly."""
 
-    max_features = 100
-
-
-class NearestAdapter:
     max_classes = 10
     native_many_classes = False
 
@@ -130,7 +126,7 @@ def test_the_class_hierarchy_reaches_every_class_and_sums_to_one():
     X_context = rng.normal(size=(260, 3))
     y_context = np.arange(260) % 26
     X_query = X_context[:52] + 1e-3
-    probs = predict_classes(NearestAdapter(), None, X_context, y_context, X_query, Task("classification", 26),
+    probs = predict_classes(NearestAdapter(), torch.nn.Identity(), X_context, y_context, X_query, Task("classification", 26),
                             None, None)
     assert probs.shape == (52, 26)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import socket
 from urllib.parse import urlparse
 from dataclasses import dataclass
@@ -114,6 +115,24 @@ class ModelAdapter:
             raise TabTuneError(f"model {self.name!r} does not support {task.kind} (it supports: {', '.join(self.tasks)})")
 
 
+@contextmanager
+def frozen_parameters(module: nn.Module):
+    """Parameters with ``requires_grad`` off for the block, then as they were.
+
+    torch's matmul folds a 3-D input into one 2-D product or not depending on whether the weight
+    requires grad (even under ``no_grad``), which moves results by an ulp. Freezing makes a pipeline
+    right after training predict bit-for-bit like the same pipeline reloaded (whose weights are frozen).
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndarray, y_context: np.ndarray,
                     X_query: np.ndarray, task: Task, config: ModelConfig, device: torch.device) -> np.ndarray:
     """``adapter.predict``, for any number of classes: beyond the head's width, a hierarchy of heads.
@@ -125,7 +144,8 @@ def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndar
     """
     width = adapter.max_classes
     if not task.is_classification or width is None or task.n_classes <= width or adapter.native_many_classes:
-        return adapter.predict(module, X_context, y_context, X_query, task, config, device)
+        with frozen_parameters(module):
+            return adapter.predict(module, X_context, y_context, X_query, task, config, device)
     n_groups = min(width, int(np.ceil(task.n_classes / width)))
     groups = np.array_split(np.arange(task.n_classes), n_groups)
     group_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)])

@@ -80,7 +80,6 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, class_shift_probs
-from .tabpfn import _frozen  # requires_grad off while predicting: bit-equal to a reloaded run
 
 REPO_ID = "Layer6/TabDPT"
 CHECKPOINT = "tabdpt1_3.safetensors"  # tabdpt.estimator._MODEL_NAME
@@ -249,10 +248,6 @@ class TabDPTAdapter(ModelAdapter):
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        with _frozen(module):
-            return self._predict(module, X_context, y_context, X_query, task, config, device)
-
-    def _predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         model = _tabdpt_model(module)
         rng = np.random.default_rng(0)
         Xc_all = torch.as_tensor(X_context, device=device, dtype=torch.float32)

@@ -63,7 +63,6 @@ of every in-context block (plus the attention's small softmax-scaling MLPs).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,22 +122,6 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-@contextmanager
-def _frozen(module: nn.Module):
-    """Parameters with ``requires_grad`` off for the block, then as they were.
-
-    torch's matmul folds a 3-D input into one 2-D product or not depending on whether the weight
-    requires grad (even under ``no_grad``), which moves results by an ulp. Freezing makes a pipeline
-    right after training predict bit-for-bit like the same pipeline reloaded (whose weights are frozen).
-    """
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 class TabPFNAdapter(ModelAdapter):
@@ -268,10 +251,6 @@ class TabPFNAdapter(ModelAdapter):
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        with _frozen(module):
-            return self._predict(module, X_context, y_context, X_query, task, config, device)
-
-    def _predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         criterion = None if task.is_classification else bar_distribution(module).to(device)
 
         def forward(Xc, yc, Xq):

@@ -173,3 +173,16 @@ def test_base_ft_from_tiny_random_weights_learns_concrete_regression(name):
     assert metrics["r2"] > 0.0, metrics
     # predictions come back in the target's own units
     assert abs(float(np.mean(pipe.predict(X.iloc[test]))) - float(y.mean())) < float(y.std())
+
+
+def test_nano_takes_tables_wider_than_its_input_in_training_and_prediction():
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(200, 130)), columns=[f"x{i}" for i in range(130)])
+    y = pd.Series(np.where(X["x0"] > 0, "a", "b"), name="label")
+    records = []
+    pipe = TabularPipeline(model_name="nano", tuning_strategy="peft", tuning_params=TUNE_PARAMS["peft"],
+                           model_params={"pretrained": False, "size": "tiny", "n_estimators": 2}, device="cpu",
+                           seed=SEED).fit(X.iloc[:160], y.iloc[:160], on_record=records.append)
+    assert any("loss" in r for r in records)
+    proba = pipe.predict_proba(X.iloc[160:])
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)

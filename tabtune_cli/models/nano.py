@@ -152,6 +152,10 @@ class NanoAdapter(ModelAdapter):
         return NanoICL(**architecture)
 
     def episode_logits(self, module, X_context, y_context, X_query, task: Task) -> Tensor:
+        # wider tables: the trainer has already permuted this episode's features, so the first
+        # max_features of them are a random subset, as each ensemble member takes at prediction
+        limit = getattr(module, "max_features", None) or module.get_base_model().max_features
+        X_context, X_query = X_context[..., :limit], X_query[..., :limit]
         return module(X_context, y_context, X_query)[..., : task.n_classes]
 
     @torch.no_grad()

@@ -1,8 +1,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
-DEMO    := model.pretrained=false model.size=tiny dataset=breast_cancer strategy.epochs=8 \
-           strategy.learning_rate=1e-3 strategy.context_size=256 strategy.query_size=64
+DEMO    := dataset=breast_cancer
 
 .PHONY: help install demo test test-all bench-nano lint clean
 
@@ -19,9 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## train a random-weight tiny TabICL (base-ft, then peft) on a built-in table
-	.venv/bin/tabtune train strategy=base-ft $(DEMO)
-	.venv/bin/tabtune train strategy=peft $(DEMO) strategy.learning_rate=3e-3
+demo: $(STAMP)  ## the shipped pretrained nano on a built-in table: zero-shot, then LoRA fine-tuning
+	.venv/bin/tabtune train model=nano strategy=inference $(DEMO)
+	.venv/bin/tabtune train model=nano strategy=peft $(DEMO)
 
 test: $(STAMP)  ## run the test suite (fast; CI runs this)
 	$(PY) -m pytest -q

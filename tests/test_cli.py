@@ -21,7 +21,8 @@ from tabtune_cli.errors import TabTuneError
 from tabtune_cli.hydra_conf import compose_train, conf_dir
 
 TABTUNE = [sys.executable, "-m", "tabtune_cli"]
-SMOKE = ["debug=smoke"]
+# the foundation tests drive TabICL (the default model is nano, tested below and in test_adapters)
+SMOKE = ["debug=smoke", "model=tabicl"]
 
 
 def tabtune(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +44,7 @@ def shipped_options():
 
 @pytest.mark.parametrize("group,option", shipped_options())
 def test_every_shipped_config_composes_and_validates(group, option):
-    overrides = [f"{group}={option}", *SMOKE]
+    overrides = [*SMOKE, f"{group}={option}"]
     if group == "dataset" and option == "file":
         overrides += ["dataset.path=table.csv", "dataset.target=label"]
     cfg = compose_train(overrides)
@@ -262,3 +263,16 @@ def test_regression_end_to_end_for_every_regression_model(tmp_path):
         assert "r2" in (run_dir / "train.log").read_text()
         reloaded = TabularPipeline.load(run_dir)
         assert reloaded.task_.kind == "regression"
+
+
+def test_the_default_runs_the_shipped_pretrained_nano_offline(tmp_path):
+    result = tabtune("train", "dataset=breast_cancer", "strategy=inference", cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    assert run_dir.name.endswith("_nano_inference")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["name"] == "nano" and config["model"]["pretrained"] is True
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # a pretrained model, not random weights: breast cancer is easy for one
+    assert metrics["test"]["roc_auc"] > 0.9, metrics["test"]

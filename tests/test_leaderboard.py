@@ -39,7 +39,8 @@ def test_missing_tables_are_skipped_and_none_is_an_error(tmp_path, capsys):
 
 def test_baselines_handle_categoricals_and_gaps():
     rng = np.random.default_rng(0)
-    X = pd.DataFrame({"a": rng.normal(size=200), "c": rng.choice(["x", "y", None], size=200)})
+    X = pd.DataFrame({"a": rng.normal(size=200), "c": rng.choice(["x", "y", None], size=200),
+                      "text": [f"review {i}" for i in range(200)]})  # more levels than native categoricals take
     y = np.where(X["a"] > 0, "p", "n")
     for name in ("logistic_regression", "hist_gradient_boosting"):
         model = baseline(name, X).fit(X, y)

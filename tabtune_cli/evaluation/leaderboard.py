@@ -37,11 +37,13 @@ def baseline(name: str, X: pd.DataFrame):
              categorical))
         return make_pipeline(prep, LogisticRegression(max_iter=2000))
     if name == "hist_gradient_boosting":
+        # native categorical splits take at most 255 levels; wider ones (free text) go in as codes
+        narrow = [c for c in categorical if X[c].nunique() <= 250]
         prep = make_column_transformer(
             (OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1, encoded_missing_value=-1),
-             categorical), remainder="passthrough")
+             narrow + [c for c in categorical if c not in narrow]), remainder="passthrough")
         return make_pipeline(prep, HistGradientBoostingClassifier(
-            categorical_features=list(range(len(categorical))) or None, random_state=0))
+            categorical_features=list(range(len(narrow))) or None, random_state=0))
     raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .errors import TabTuneError
 
@@ -178,3 +178,63 @@ def check_strategy(s: StrategyConfig) -> None:
         raise TabTuneError(f"strategy.learning_rate must be positive, got {s.learning_rate}")
     if s.warmup_steps < 0:
         raise TabTuneError(f"strategy.warmup_steps must be >= 0, got {s.warmup_steps}")
+
+
+@dataclass
+class NanoArchitecture:
+    max_features: int = 100
+    max_classes: int = 10
+    d_model: int = 128
+    n_layers: int = 6
+    n_heads: int = 4
+    d_ff: int = 256
+
+
+@dataclass
+class PriorSettings:
+    type: str = "mix_scm"
+    tables_per_step: int = 32
+    tables_per_group: int = 8
+    max_rows: int = 256
+    max_features: int = 100
+    max_classes: int = 10
+    log_n_features: bool = True
+    min_context_fraction: float = 0.3
+    max_context_fraction: float = 0.9
+
+
+@dataclass
+class PretrainConfig:
+    """``tabtune pretrain`` (conf/pretrain.yaml)."""
+
+    model: NanoArchitecture = field(default_factory=NanoArchitecture)
+    prior: PriorSettings = field(default_factory=PriorSettings)
+    steps: int = 20000
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    scheduler: Scheduler = Scheduler.cosine
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 0
+    threads: int = 0
+    prior_workers: int = 1
+    checkpoint_every: int = 50
+    eval_every: int = 250
+    eval_tables: str = "../shared/datasets"
+    out_dir: str = "pretrain/nano"
+    show_progress: bool = True
+
+
+@dataclass
+class LeaderboardConfig:
+    """``tabtune leaderboard`` (conf/leaderboard.yaml); a contender is TabularPipeline kwargs or a baseline name."""
+
+    datasets: List[str] = field(default_factory=list)
+    shared_dir: str = "../shared/datasets"
+    splits: int = 3
+    test_size: float = 0.3
+    max_train_rows: int = 1024
+    max_test_rows: int = 2000
+    seed: int = 0
+    contenders: Dict[str, Any] = field(default_factory=dict)
+    out_dir: str = "runs/leaderboard"

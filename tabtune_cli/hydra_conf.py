@@ -10,7 +10,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .config import DatasetConfig, Device, LoraSettings, StrategyConfig
+from .config import (DatasetConfig, Device, LeaderboardConfig, LoraSettings, PretrainConfig,
+                     StrategyConfig)
 from .errors import TabTuneError
 from .models.registry import ADAPTERS
 
@@ -40,6 +41,8 @@ def register() -> None:
     """Register the schemas and resolvers every composition needs (idempotent)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainSchema)
+    store.store(name="pretrain_schema", node=PretrainConfig)
+    store.store(name="leaderboard_schema", node=LeaderboardConfig)
     for name, cls in ADAPTERS.items():
         store.store(group="schema/model", name=name, node=cls.config_class)
     if not OmegaConf.has_resolver("tabtune.is_set"):
@@ -74,6 +77,38 @@ def one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def check_overrides(argv: list[str], config_name: str) -> None:
+    """Compose every combination the command line asks for, so mistakes fail before any work, in one line."""
+    register()
+    if HYDRA_FLAGS & set(argv):
+        return
+    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
+    for combo in expand_sweeps(overrides):
+        compose_train(combo, config_name)
+
+
+def one_line_errors(job):
+    """A Hydra job whose TabTuneError prints one line and exits 2 (Hydra would print a traceback)."""
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(job)
+    def wrapped(cfg):
+        try:
+            return job(cfg)
+        except TabTuneError as exc:
+            if os.environ.get("TABTUNE_DEBUG"):
+                raise
+            print(f"tabtune: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    return wrapped
+
+
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
+               "--shell-completion", "-sc", "--version"}
+
+
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     """Every combination a ``-m`` sweep would run, as plain override lists."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -92,8 +127,9 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)]
 
 
-def compose_train(overrides: list[str]):
-    """Compose ``train.yaml`` with ``overrides``; a bad key, type or option is a one-line TabTuneError."""
+def compose_train(overrides: list[str], config_name: str = "train"):
+    """Compose ``train.yaml`` (or another top config) with ``overrides``; a bad key, type or option is a
+    one-line TabTuneError."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -101,7 +137,7 @@ def compose_train(overrides: list[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             return cfg
     except TabTuneError:

@@ -86,3 +86,12 @@ def finish(run_dir: Path, status: str, **extra) -> None:
 def is_complete(run_dir: str | Path) -> bool:
     path = Path(run_dir) / MANIFEST
     return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+
+
+def discard_if_empty(path: str | Path) -> None:
+    """Take back a folder made for a run that never started (and its date folder, if now empty)."""
+    for folder in (Path(path), Path(path).parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -276,3 +276,11 @@ def test_the_default_runs_the_shipped_pretrained_nano_offline(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # a pretrained model, not random weights: breast cancer is easy for one
     assert metrics["test"]["roc_auc"] > 0.9, metrics["test"]
+
+
+@pytest.mark.parametrize("config_name,key,bad", [("pretrain", "steps", "many"), ("leaderboard", "splits", "x")])
+def test_the_other_top_configs_compose_typed(config_name, key, bad):
+    cfg = compose_train([], config_name)
+    assert isinstance(cfg[key], int)
+    with pytest.raises(TabTuneError, match=f"'{key}'"):
+        compose_train([f"{key}={bad}"], config_name)

@@ -14,7 +14,7 @@ from rich.table import Table
 from .. import rundir
 from ..data.builtin import BUILTIN, TARGET, load_builtin
 from ..errors import TabTuneError
-from ..hydra_conf import conf_dir
+from ..hydra_conf import check_overrides, conf_dir, one_line_errors
 
 
 def load_tables(names: list[str], shared_dir: Path) -> dict:
@@ -40,8 +40,9 @@ def load_tables(names: list[str], shared_dir: Path) -> dict:
 def run(argv: list[str]) -> int:
     import hydra
 
+    check_overrides(argv, "leaderboard")
     sys.argv = ["tabtune leaderboard", *argv]
-    main = hydra.main(config_path=str(conf_dir()), config_name="leaderboard", version_base="1.3")(_job)
+    main = hydra.main(config_path=str(conf_dir()), config_name="leaderboard", version_base="1.3")(one_line_errors(_job))
     main()
     return 0
 
@@ -51,8 +52,12 @@ def _job(cfg: DictConfig) -> None:
 
     from ..evaluation.leaderboard import TabularLeaderboard
 
-    values = OmegaConf.to_container(cfg, resolve=True)
-    tables = load_tables(values["datasets"], Path(values["shared_dir"]))
+    values = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    try:
+        tables = load_tables(values["datasets"], Path(values["shared_dir"]))
+    except TabTuneError:
+        rundir.discard_if_empty(values["out_dir"])  # the folder Hydra made for this run
+        raise
     board = TabularLeaderboard(tables, values["contenders"], splits=values["splits"], test_size=values["test_size"],
                                max_train_rows=values["max_train_rows"], max_test_rows=values["max_test_rows"],
                                seed=values["seed"])

@@ -9,7 +9,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import TabTuneError
-from ..hydra_conf import conf_dir
+from ..hydra_conf import check_overrides, conf_dir, one_line_errors
 
 # Real tables that pretraining is watched on. None of them is a classification table of the
 # benchmark: regression targets split at the median, and letter (26 classes) as vowel or not.
@@ -69,8 +69,9 @@ def make_evaluator(folder: Path):
 def run(argv: list[str]) -> int:
     import hydra
 
+    check_overrides(argv, "pretrain")
     sys.argv = ["tabtune pretrain", *argv]
-    main = hydra.main(config_path=str(conf_dir()), config_name="pretrain", version_base="1.3")(_job)
+    main = hydra.main(config_path=str(conf_dir()), config_name="pretrain", version_base="1.3")(one_line_errors(_job))
     main()
     return 0
 
@@ -79,7 +80,7 @@ def _job(cfg: DictConfig) -> None:
     from ..tuning.pretrain import pretrain
 
     try:
-        values = OmegaConf.to_container(cfg, resolve=True)
+        values = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception as exc:
         raise TabTuneError(str(exc).splitlines()[0]) from None
     evaluate = make_evaluator(Path(values["eval_tables"]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -17,13 +16,11 @@ from ..config import DatasetConfig, LoraSettings, StrategyConfig, check_strategy
 from ..data.dataset import load_dataset
 from ..errors import TabTuneError
 from ..evaluation.plots import training_curves
-from ..hydra_conf import compose_train, conf_dir, expand_sweeps, one_line, register
+from ..hydra_conf import HYDRA_FLAGS, compose_train, conf_dir, expand_sweeps, one_line, one_line_errors, register
 from ..models.base import Task
 from ..models.registry import get_adapter
 
 log = logging.getLogger("tabtune")
-HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
-               "--shell-completion", "-sc", "--version"}
 
 
 def plain_configs(cfg: DictConfig):
@@ -58,24 +55,13 @@ def run(argv: list[str]) -> int:
 
     register()
     if not HYDRA_FLAGS & set(argv):
-        overrides = [a for a in argv if not a.startswith("-")]
-        for combo in expand_sweeps([o for o in overrides if not o.startswith("hydra.")]):
+        overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
+        for combo in expand_sweeps(overrides):
             plain_configs(compose_train(combo))
     sys.argv = ["tabtune train", *argv]
-    main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_job)
+    main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(one_line_errors(execute))
     main()
     return 0
-
-
-def _job(cfg: DictConfig) -> dict:
-    # Hydra prints a traceback for any exception a job raises; a user's mistake gets one line instead
-    try:
-        return execute(cfg)
-    except TabTuneError as exc:
-        if os.environ.get("TABTUNE_DEBUG"):
-            raise
-        print(f"tabtune: error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def execute(cfg: DictConfig) -> dict:
@@ -90,7 +76,7 @@ def execute(cfg: DictConfig) -> dict:
         adapter.check_task(Task(data.task), strategy.name.value)
         adapter.checkpoint_file(model, Task(data.task))
     except TabTuneError:
-        _remove_if_empty(target_dir)
+        rundir.discard_if_empty(target_dir)
         raise
     run_dir = rundir.create(target_dir)
     handler = logging.FileHandler(run_dir / "train.log")
@@ -109,15 +95,6 @@ def execute(cfg: DictConfig) -> dict:
     rundir.finish(run_dir, "complete")
     show_summary(run_dir, metrics, adapter.title, strategy.name.value, data.name)
     return metrics
-
-
-def _remove_if_empty(path: Path) -> None:
-    """Take back the folder Hydra made for a run that never started (and its date folder, if now empty)."""
-    for folder in (path, path.parent):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> dict:

@@ -45,6 +45,14 @@ def test_pretraining_is_reproducible_and_resumes_where_it_stopped(tmp_path):
     assert architecture["d_model"] == 16 and weights  # loadable by the nano adapter as it is
 
 
+def test_resuming_with_another_architecture_is_refused(tmp_path):
+    pretrain(tmp_path / "run", 1, tmp_path)
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY, "model.d_model=32", "steps=2",
+                             f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "holds a run of another architecture (model.d_model: 16 there, 32 asked)" in result.stderr
+
+
 def test_a_misspelled_pretrain_key_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "stepz=3"], cwd=tmp_path,
                             capture_output=True, text=True)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .. import rundir
-from ..models.nano import NanoICL
+from ..errors import TabTuneError
+from ..models.nano import NanoICL, read_checkpoint
 from .trainer import _schedule
 
 WEIGHTS, OPTIMIZER, STATE = "nano-last.safetensors", "optimizer.safetensors", "state.json"
@@ -131,6 +132,12 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
                                                                        cfg["steps"]))
     start, earlier_seconds = 0, 0.0
     if (out / STATE).is_file():
+        saved, _ = read_checkpoint(out / WEIGHTS)
+        if saved != architecture:
+            changed = sorted(k for k in set(saved) | set(architecture) if saved.get(k) != architecture.get(k))
+            raise TabTuneError(f"{out} holds a run of another architecture (model.{changed[0]}: "
+                               f"{saved.get(changed[0])} there, {architecture.get(changed[0])} asked); "
+                               f"match it or choose another out_dir")
         earlier_seconds = json.loads((out / STATE).read_text()).get("wall_seconds", 0.0)
         start = load_checkpoint(out, model, optimizer)
         for _ in range(start):

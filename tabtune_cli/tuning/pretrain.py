@@ -142,6 +142,10 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
         start = load_checkpoint(out, model, optimizer)
         for _ in range(start):
             scheduler.step()
+        if (out / "history.jsonl").is_file():  # steps after the checkpoint will be run again: drop their lines
+            kept = [line for line in (out / "history.jsonl").read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start]
+            rundir.write_text(out / "history.jsonl", "".join(line + "\n" for line in kept))
         log(f"resumed from {out / WEIGHTS} at step {start}")
     # one worker process draws prior batches while the main process trains on the previous ones
     batches = torch.utils.data.DataLoader(PriorStream(cfg, start), batch_size=None,

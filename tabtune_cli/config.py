@@ -221,7 +221,7 @@ class PretrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 250
     eval_tables: str = "../shared/datasets"
-    out_dir: str = "pretrain/nano"
+    out_dir: str = "runs/pretrain/nano"
     show_progress: bool = True
 
 

@@ -77,14 +77,17 @@ def one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def check_overrides(argv: list[str], config_name: str) -> None:
-    """Compose every combination the command line asks for, so mistakes fail before any work, in one line."""
+def check_overrides(argv: list[str], config_name: str, validate=None) -> None:
+    """Compose every combination the command line asks for (and ``validate`` each), so mistakes fail
+    before any work, in one line."""
     register()
     if HYDRA_FLAGS & set(argv):
         return
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
     for combo in expand_sweeps(overrides):
-        compose_train(combo, config_name)
+        cfg = compose_train(combo, config_name)
+        if validate is not None:
+            validate(cfg)
 
 
 def one_line_errors(job):

@@ -16,7 +16,7 @@ from ..config import DatasetConfig, LoraSettings, StrategyConfig, check_strategy
 from ..data.dataset import load_dataset
 from ..errors import TabTuneError
 from ..evaluation.plots import training_curves
-from ..hydra_conf import HYDRA_FLAGS, compose_train, conf_dir, expand_sweeps, one_line, one_line_errors, register
+from ..hydra_conf import check_overrides, conf_dir, one_line, one_line_errors
 from ..models.base import Task
 from ..models.registry import get_adapter
 
@@ -53,11 +53,7 @@ def run(argv: list[str]) -> int:
     """Entry for ``tabtune train ARGS``: validate every (sweep) composition first, then hand over to Hydra."""
     import hydra
 
-    register()
-    if not HYDRA_FLAGS & set(argv):
-        overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
-        for combo in expand_sweeps(overrides):
-            plain_configs(compose_train(combo))
+    check_overrides(argv, "train", validate=plain_configs)
     sys.argv = ["tabtune train", *argv]
     main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(one_line_errors(execute))
     main()

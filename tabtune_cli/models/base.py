@@ -199,6 +199,15 @@ def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, mode
         raise TabTuneError(f"{hint} (the download failed: {str(exc).splitlines()[0][:120]})") from None
 
 
+def load_weights(module: nn.Module, state: dict, path) -> nn.Module:
+    """``module`` with ``state`` loaded; a checkpoint whose weights do not fit is a TabTuneError naming the file."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[0][:160]})") from None
+    return module
+
+
 def class_shift_probs(probs: np.ndarray, shift: int) -> np.ndarray:
     """Undo a cyclic label shift applied to the context labels."""
     return np.roll(probs, -shift, axis=-1)

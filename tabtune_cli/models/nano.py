@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict
+from .base import ModelAdapter, Task, ensemble_predict, load_weights
 
 CLIP = 5.0
 
@@ -142,10 +142,7 @@ class NanoAdapter(ModelAdapter):
         path = self.checkpoint_file(config, task)
         architecture, state = read_checkpoint(path)
         module = self.from_architecture(architecture)
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            raise TabTuneError(f"{path}: weights do not match its architecture ({str(exc).splitlines()[0][:160]})") from None
+        load_weights(module, state, path)
         return module, architecture
 
     def from_architecture(self, architecture: dict) -> nn.Module:

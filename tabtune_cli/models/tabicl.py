@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict
+from .base import ModelAdapter, Task, ensemble_predict, load_weights
 
 REPO_ID = "jingang/TabICL"
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -102,10 +102,7 @@ class TabICLAdapter(ModelAdapter):
             kind = "regression" if is_regressor else "classification"
             raise TabTuneError(f"{path}: this is a TabICL {kind} checkpoint, but the task is {task.kind}")
         module = self.from_architecture(architecture)
-        try:
-            module.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as exc:
-            raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[0][:160]})") from None
+        load_weights(module, checkpoint["state_dict"], path)
         return module, architecture
 
     def from_architecture(self, architecture: dict) -> nn.Module:

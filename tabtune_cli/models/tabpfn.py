@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict, resolve_checkpoint
+from .base import ModelAdapter, Task, ensemble_predict, load_weights, resolve_checkpoint
 
 # model.version -> the package's architecture name
 VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
@@ -212,10 +212,7 @@ class TabPFNAdapter(ModelAdapter):
         criterion = {k.replace("criterion.", ""): state.pop(k) for k in [k for k in state if "criterion." in k]}
         if not task.is_classification and "borders" in criterion:
             state["regression_borders"] = criterion["borders"]
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[0][:160]})") from None
+        load_weights(module, state, path)
         return module, architecture
 
     def from_architecture(self, architecture: dict) -> nn.Module:

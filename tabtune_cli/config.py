@@ -140,7 +140,8 @@ def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:
     if typing.get_origin(kind) in (list, List):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise TabTuneError(f"{where}.{name}: expected a list, got {value!r}")
-        return list(value)
+        (item,) = typing.get_args(kind) or (Any,)
+        return [_coerce(name, item, v, where) for v in value] if item is not Any else list(value)
     return value
 
 
@@ -160,7 +161,8 @@ def to_dict(obj) -> dict:
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        out[f.name] = v.value if isinstance(v, Enum) else (list(v) if isinstance(v, (list, tuple)) else v)
+        plain = lambda x: x.value if isinstance(x, Enum) else x  # noqa: E731
+        out[f.name] = [plain(x) for x in v] if isinstance(v, (list, tuple)) else plain(v)
     return out
 
 

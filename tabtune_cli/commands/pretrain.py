@@ -44,14 +44,13 @@ def make_evaluator(folder: Path):
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from ..config import ModelConfig
     from ..models.base import Task
-    from ..models.nano import NanoAdapter
+    from ..models.nano import NanoAdapter, NanoConfig, View
 
     tables = tracking_tables(folder)
     if not tables:
         return None
-    adapter, config = NanoAdapter(), ModelConfig(name="nano", n_estimators=1, softmax_temperature=1.0)
+    adapter, config = NanoAdapter(), NanoConfig(n_estimators=1, softmax_temperature=1.0, preprocessing=[View.standard])
 
     def evaluate(model) -> dict:
         scores = {}

@@ -63,9 +63,10 @@ class ModelAdapter:
 
     # -- forward -----------------------------------------------------------------------------
     def episode_logits(self, module: nn.Module, X_context: Tensor, y_context: Tensor, X_query: Tensor,
-                       task: Task) -> Tensor:
+                       task: Task, config: ModelConfig | None = None) -> Tensor:
         """Differentiable outputs for a batch of episodes: (B, n_query, n_classes) logits, or the
-        model's regression outputs. Context and query rows are disjoint by construction."""
+        model's regression outputs. Context and query rows are disjoint by construction. ``config``
+        is the run's model config (None: the defaults), for a model whose inputs depend on it."""
         raise NotImplementedError
 
     def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:

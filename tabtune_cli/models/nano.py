@@ -11,13 +11,24 @@ Hugging Face peft reaches all of them with ordinary LoRA.
 Features are normalised inside the model with the context rows' statistics
 and scaled by sqrt(max_features / n_features), so a table's scale and width
 look alike to the model whatever they were.
+
+The adapter decides what the model sees of a user's table, the same way when
+it fine-tunes and when it predicts: tables wider than ``max_input_features``
+keep the columns that best separate the classes in the context (ANOVA F), and
+the ensemble members alternate between the features as they are and their
+context quantiles mapped to a normal ("quantile" view). A model this small
+is strongest on the narrow tables the prior draws most often, and the two
+views disagree in useful ways on skewed and categorical columns.
 """
 
 from __future__ import annotations
 
 import json
 from importlib import resources
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
@@ -30,6 +41,73 @@ from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
 
 CLIP = 5.0
+TAIL = 1e-7  # the quantile view maps onto [-5.2, 5.2]
+
+
+class View(str, Enum):
+    """How an ensemble member sees the features: as given (the model standardises them), or their quantiles."""
+
+    standard = "standard"
+    quantile = "quantile"
+
+
+@dataclass
+class NanoConfig(ModelConfig):
+    """nano's keys: the shared ones plus how a user's table is shown to the model."""
+
+    name: str = "nano"
+    n_estimators: int = 32
+    max_input_features: int = 30
+    preprocessing: List[View] = field(default_factory=lambda: list(View))
+
+    def __post_init__(self):
+        if self.max_input_features < 1:
+            raise TabTuneError(f"model.max_input_features: must be at least 1, got {self.max_input_features}")
+        if not self.preprocessing:
+            raise TabTuneError(f"model.preprocessing: name at least one view ({', '.join(v.value for v in View)})")
+
+
+def class_separation(X_context: Tensor, y_context: Tensor) -> Tensor:
+    """Per feature, between-class over within-class sum of squares in the context (ANOVA F up to a constant).
+
+    ``X_context`` is ``(batch, rows, features)``, ``y_context`` ``(batch, rows)``; returns ``(batch, features)``.
+    """
+    onehot = F.one_hot(y_context.long()).to(X_context.dtype)                 # (B, n, C)
+    counts = onehot.sum(dim=1).clamp(min=1).unsqueeze(-1)                    # (B, C, 1)
+    class_means = onehot.transpose(1, 2) @ X_context / counts               # (B, C, F)
+    grand = X_context.mean(dim=1, keepdim=True)                             # (B, 1, F)
+    between = (onehot.sum(dim=1).unsqueeze(-1) * (class_means - grand) ** 2).sum(dim=1)
+    within = ((X_context - onehot @ class_means) ** 2).sum(dim=1)
+    return between / within.clamp(min=1e-12)
+
+
+def select_features(X_context: Tensor, y_context: Tensor, X_query: Tensor, limit: int):
+    """Keep the ``limit`` columns that best separate the context's classes, in their given order."""
+    if X_context.shape[-1] <= limit:
+        return X_context, X_query
+    keep = class_separation(X_context, y_context).topk(limit, dim=-1).indices.sort(dim=-1).values
+    take = lambda X: X.gather(-1, keep.unsqueeze(1).expand(-1, X.shape[1], -1))  # noqa: E731
+    return take(X_context), take(X_query)
+
+
+def quantile_view(X_context: Tensor, X_query: Tensor):
+    """Each feature's mid-rank among the context rows, mapped through the normal quantile function."""
+    ordered = X_context.transpose(1, 2).contiguous().sort(dim=-1).values     # (B, F, n)
+    n = ordered.shape[-1]
+
+    def transform(X: Tensor) -> Tensor:
+        values = X.transpose(1, 2).contiguous()
+        # ties share the middle of their ranks; the context's extremes (and beyond) go to the far tails
+        rank = (torch.searchsorted(ordered, values) + torch.searchsorted(ordered, values, right=True) - 1) / 2
+        level = (rank.double() / max(n - 1, 1)).clamp(TAIL, 1 - TAIL)
+        return torch.special.ndtri(level).transpose(1, 2).to(X.dtype)
+
+    return transform(X_context), transform(X_query)
+
+
+def view_of(view: View, X_context: Tensor, X_query: Tensor):
+    """The features of one :class:`View`."""
+    return quantile_view(X_context, X_query) if view == View.quantile else (X_context, X_query)
 
 
 def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
@@ -118,6 +196,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 class NanoAdapter(ModelAdapter):
     name = "nano"
     title = "nano"
+    config_class = NanoConfig
     tasks = ("classification",)
     max_classes = 10
     sizes = {"tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
@@ -148,25 +227,42 @@ class NanoAdapter(ModelAdapter):
     def from_architecture(self, architecture: dict) -> nn.Module:
         return NanoICL(**architecture)
 
-    def episode_logits(self, module, X_context, y_context, X_query, task: Task) -> Tensor:
-        # wider tables: the trainer has already permuted this episode's features, so the first
-        # max_features of them are a random subset, as each ensemble member takes at prediction
-        limit = getattr(module, "max_features", None) or module.get_base_model().max_features
-        X_context, X_query = X_context[..., :limit], X_query[..., :limit]
-        return module(X_context, y_context, X_query)[..., : task.n_classes]
+    def episode_logits(self, module, X_context, y_context, X_query, task: Task,
+                       config: ModelConfig | None = None) -> Tensor:
+        # as at prediction: the most class-separating columns, and the mean of the views' logits
+        config = config if isinstance(config, NanoConfig) else NanoConfig()
+        X_context, X_query = select_features(X_context, y_context, X_query, self._input_limit(module, config))
+        views = [view_of(view, X_context, X_query) for view in config.preprocessing]
+        logits = module(torch.cat([v[0] for v in views]), y_context.repeat(len(views), 1),
+                        torch.cat([v[1] for v in views]))
+        return logits.view(len(views), *X_query.shape[:2], -1).mean(dim=0)[..., : task.n_classes]
+
+    @staticmethod
+    def _input_limit(module, config: NanoConfig) -> int:
+        width = getattr(module, "max_features", None) or module.get_base_model().max_features
+        return min(config.max_input_features, width)
 
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        limit = getattr(module, "max_features", None) or module.get_base_model().max_features
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))[None]  # noqa: E731
+        Xc, Xq = select_features(as_tensor(X_context), torch.as_tensor(y_context)[None], as_tensor(X_query),
+                                 self._input_limit(module, config))
 
         def forward(Xc, yc, Xq):
             logits = module(torch.as_tensor(Xc, device=device)[None], torch.as_tensor(yc, device=device)[None],
                             torch.as_tensor(Xq, device=device)[None])[0, :, : task.n_classes].float()
             return torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy()
 
-        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, forward, chunk=4096,
-                                max_features=limit)
+        # the members are shared out over the views in turn
+        total = 0.0
+        for i, view in enumerate(config.preprocessing):
+            members = len(range(i, config.n_estimators, len(config.preprocessing)))
+            if members:
+                Xc_view, Xq_view = view_of(view, Xc, Xq)
+                total = total + members * ensemble_predict(Xc_view[0].numpy(), y_context, Xq_view[0].numpy(), task,
+                                                           members, forward, chunk=4096)
+        return total / max(config.n_estimators, 1)
 
     def lora_targets(self, module: nn.Module, prefixes):
         return [n for n, m in self.modules_under(module, prefixes).items() if isinstance(m, nn.Linear)], []

@@ -225,7 +225,8 @@ class TabDPTAdapter(ModelAdapter):
         X = _pad(torch.cat([X_context, X_query], dim=1).float(), width)
         return module(x_src=X, y_src=y_context.float(), is_cls=is_cls).transpose(0, 1)
 
-    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task) -> Tensor:
+    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
+                       config=None) -> Tensor:
         model = _tabdpt_model(module)
         with _context_statistics(module):
             if task.is_classification:

@@ -109,7 +109,8 @@ class TabICLAdapter(ModelAdapter):
         return _make_attention_live(TabICL(**architecture))
 
     # -- forward -------------------------------------------------------------------------------
-    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task) -> Tensor:
+    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
+                       config=None) -> Tensor:
         X = torch.cat([X_context, X_query], dim=1)
         y = y_context.float() if task.is_classification else y_context
         out = module(X, y)

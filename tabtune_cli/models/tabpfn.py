@@ -232,7 +232,8 @@ class TabPFNAdapter(ModelAdapter):
         out = module(X, y_context.transpose(0, 1).float())
         return out.transpose(0, 1)
 
-    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task) -> Tensor:
+    def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
+                       config=None) -> Tensor:
         out = self._forward(module, X_context, y_context, X_query)
         if task.is_classification:
             return out[..., : task.n_classes]

@@ -164,7 +164,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 episode_task = task if not task.is_classification else Task(
                     task.kind, max(e.n_classes for e in batch))
                 with autocast():
-                    out = adapter.episode_logits(module, Xc, yc, Xq, episode_task)
+                    out = adapter.episode_logits(module, Xc, yc, Xq, episode_task, model_config)
                     loss = adapter.episode_loss(out.float(), yq, episode_task)
                 if not torch.isfinite(loss):
                     raise TabTuneError(f"training diverged at epoch {epoch} (loss {loss.item()}); "

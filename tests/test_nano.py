@@ -1,0 +1,110 @@
+"""What nano's adapter shows the model of a user's table: the columns it keeps and the views it takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.feature_selection import f_classif
+from sklearn.metrics import roc_auc_score
+
+from tabtune_cli import TabularPipeline
+from tabtune_cli.config import from_dict
+from tabtune_cli.errors import TabTuneError
+from tabtune_cli.models.base import Task
+from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, quantile_view,
+                                     select_features)
+
+
+def test_class_separation_is_the_anova_f_statistic_up_to_its_constant():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 7))
+    y = rng.integers(0, 3, size=120)
+    X[:, 2] += y  # one informative column
+    ours = class_separation(torch.tensor(X)[None], torch.tensor(y)[None])[0].numpy()
+    f, _ = f_classif(X, y)
+    n, k = len(y), 3
+    np.testing.assert_allclose(ours * (n - k) / (k - 1), f, rtol=1e-6)
+    assert ours.argmax() == 2
+
+
+def test_wide_tables_keep_the_separating_columns_in_their_order_and_narrow_ones_stay_whole():
+    rng = np.random.default_rng(1)
+    X = torch.tensor(rng.normal(size=(2, 150, 60)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, 2, size=(2, 150)))
+    X[0, :, 42] += 3 * y[0]
+    X[0, :, 7] -= 3 * y[0]
+    X[1, :, 11] += 3 * y[1]
+    Xc, Xq = select_features(X[:, :100], y[:, :100], X[:, 100:], limit=30)
+    assert Xc.shape == (2, 100, 30) and Xq.shape == (2, 50, 30)
+    # each table keeps its own columns, context and query alike, in the order given
+    kept = [[j for j in range(60) if any(torch.equal(X[b, :100, j], Xc[b, :, i]) for i in range(30))]
+            for b in range(2)]
+    assert {7, 42} <= set(kept[0]) and 11 in kept[1] and len(kept[0]) == len(kept[1]) == 30
+    torch.testing.assert_close(Xq[0], X[0, 100:][:, kept[0]])
+    narrow_c, narrow_q = select_features(X[:, :100, :30], y[:, :100], X[:, 100:, :30], limit=30)
+    assert narrow_c is not None and torch.equal(narrow_c, X[:, :100, :30]) and torch.equal(narrow_q, X[:, 100:, :30])
+
+
+def test_the_quantile_view_ranks_against_the_context_only():
+    rng = np.random.default_rng(2)
+    context = np.c_[rng.normal(size=200), rng.integers(0, 2, size=200), rng.exponential(size=200)]
+    query = np.c_[rng.normal(size=40) * 3, rng.integers(0, 2, size=40), rng.exponential(size=40)]
+    c, q = (t[0].numpy() for t in quantile_view(torch.tensor(context)[None], torch.tensor(query)[None]))
+    for j in range(3):
+        order = np.argsort(context[:, j], kind="stable")
+        assert np.all(np.diff(c[order, j]) >= 0)  # monotone
+    # tied values share one value: a 0/1 column takes exactly two
+    assert len(np.unique(c[:, 1])) == 2 and set(np.unique(q[:, 1])) <= set(np.unique(c[:, 1]))
+    # a skewed column comes out symmetric, and the view lies on [-5.2, 5.2]
+    assert abs(np.median(c[:, 2])) < 0.05 and np.abs(np.r_[c, q]).max() <= 5.2
+    # beyond the context's range: the far tails
+    assert q[:, 0].max() == pytest.approx(5.199, abs=1e-3) and q[:, 0].min() == pytest.approx(-5.199, abs=1e-3)
+    # one query's view does not depend on the other queries
+    _, alone = quantile_view(torch.tensor(context)[None], torch.tensor(query[:3])[None])
+    np.testing.assert_allclose(alone[0].numpy(), q[:3])
+
+
+def test_episode_logits_average_the_views_over_the_kept_columns():
+    adapter = NanoAdapter()
+    torch.manual_seed(0)
+    module = adapter.from_architecture(dict(adapter.sizes["tiny"])).eval()
+    rng = np.random.default_rng(3)
+    X = torch.tensor(rng.normal(size=(1, 90, 40)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, 3, size=(1, 90)))
+    Xc, yc, Xq = X[:, :60], y[:, :60], X[:, 60:]
+    task = Task("classification", 3)
+    config = NanoConfig(max_input_features=30)
+    kept_c, kept_q = select_features(Xc, yc, Xq, 30)
+    expected = (module(kept_c, yc, kept_q) + module(*quantile_view(kept_c, kept_q)[:1], yc,
+                                                    quantile_view(kept_c, kept_q)[1])) / 2
+    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task, config), expected[..., :3])
+    standard_only = NanoConfig(max_input_features=30, preprocessing=[View.standard])
+    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task, standard_only),
+                               module(kept_c, yc, kept_q)[..., :3])
+
+
+def test_the_shipped_nano_finds_the_signal_in_a_wide_table():
+    # 120 columns, three of them carry the label: keeping the separating ones is what lets nano see it
+    rng = np.random.default_rng(4)
+    X = pd.DataFrame(rng.normal(size=(900, 120)), columns=[f"x{i}" for i in range(120)])
+    score = X["x5"] - X["x60"] + 0.5 * X["x111"]
+    y = pd.Series(np.where(score + 0.3 * rng.normal(size=900) > 0, "yes", "no"), name="label")
+    auc = {}
+    for limit in (30, 100):
+        pipe = TabularPipeline(model_name="nano", model_params={"max_input_features": limit}, device="cpu", seed=0)
+        proba = pipe.fit(X.iloc[:600], y.iloc[:600]).predict_proba(X.iloc[600:])
+        auc[limit] = roc_auc_score(y.iloc[600:] == "yes", proba[:, list(pipe.classes_).index("yes")])
+    assert auc[30] > 0.9 and auc[30] > auc[100] + 0.03, auc
+
+
+def test_nano_config_names_the_key_at_fault():
+    config = from_dict(NanoConfig, {"preprocessing": ["quantile"]}, "model")
+    assert config.preprocessing == [View.quantile]
+    with pytest.raises(TabTuneError, match=r"model\.preprocessing: 'foo' is not one of: standard, quantile"):
+        from_dict(NanoConfig, {"preprocessing": ["foo"]}, "model")
+    with pytest.raises(TabTuneError, match="model.max_input_features: must be at least 1"):
+        from_dict(NanoConfig, {"max_input_features": 0}, "model")
+    with pytest.raises(TabTuneError, match="model.preprocessing: name at least one view"):
+        from_dict(NanoConfig, {"preprocessing": []}, "model")

@@ -84,7 +84,8 @@ class TabularPipeline:
         X, y = self._check_xy(X, y, "X")
         kind = infer_task(y) if self.task_type == "auto" else self.task_type
         trains = strategy.name != StrategyName.inference
-        if trains and X_val is None:
+        held_out = trains and X_val is None
+        if held_out:
             # hold out part of the training rows for validation and early stopping
             joined = X.assign(__target__=y.to_numpy())
             rest, held = split_frame(joined, "__target__", fraction=0.1, stratify=kind == "classification", seed=self.seed)
@@ -132,6 +133,9 @@ class TabularPipeline:
             val = Split(self.preprocessor_.transform(X_val), self._encode_target(y_val))
             self.train_result_ = train(adapter, module, task, Split(X_train, y_train), val, strategy, model_config,
                                        device, self.seed, on_record=on_record)
+            if held_out:  # rows held out only to choose the epoch are the user's training rows: context again
+                self.context_X_ = np.concatenate([X_train, val.X])
+                self.context_y_ = np.concatenate([y_train, val.y])
         module.eval()
         self.fit_seconds_ = time.perf_counter() - started
         self.rows_ = {"train": int(len(X_train)), "val": int(0 if X_val is None else len(X_val))}

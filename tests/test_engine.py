@@ -206,7 +206,9 @@ def test_best_epoch_weights_are_restored(fitted):
                   pipe.label_encoder_.transform(rest["__target__"]))
     val = Split(pipe.preprocessor_.transform(held.drop(columns="__target__")),
                 pipe.label_encoder_.transform(held["__target__"]))
-    np.testing.assert_array_equal(train.X, pipe.context_X_)
+    # after training, the held-out rows join the prediction context: every row given to fit() is used
+    np.testing.assert_array_equal(np.concatenate([train.X, val.X]), pipe.context_X_)
+    np.testing.assert_array_equal(np.concatenate([train.y, val.y]), pipe.context_y_)
     again = validate(pipe.adapter_, pipe.module_, pipe.task_, train, val, pipe.model_config_, CPU, SEED)
     assert again == pytest.approx(pipe.train_result_.best_val, abs=1e-6)
 

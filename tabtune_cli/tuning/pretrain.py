@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +141,10 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
                                f"match it or choose another out_dir")
         earlier_seconds = json.loads((out / STATE).read_text()).get("wall_seconds", 0.0)
         start = load_checkpoint(out, model, optimizer)
-        for _ in range(start):
-            scheduler.step()
+        with warnings.catch_warnings():  # catching the schedule up is not the misuse torch warns of
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(start):
+                scheduler.step()
         if (out / "history.jsonl").is_file():  # steps after the checkpoint will be run again: drop their lines
             kept = [line for line in (out / "history.jsonl").read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start]

@@ -212,6 +212,7 @@ class PretrainConfig:
     model: NanoArchitecture = field(default_factory=NanoArchitecture)
     prior: PriorSettings = field(default_factory=PriorSettings)
     steps: int = 20000
+    stop_at: Optional[int] = None
     learning_rate: float = 5e-4
     warmup_steps: int = 200
     scheduler: Scheduler = Scheduler.cosine

@@ -17,24 +17,29 @@ TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=3
         "eval_every=1000", "show_progress=false", "threads=1", "prior_workers=0", "prior.type=mlp_scm"]
 
 
-def pretrain(out: Path, steps: int, cwd: Path) -> subprocess.CompletedProcess:
+def pretrain(out: Path, steps: int, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY, f"steps={steps}",
-                             f"out_dir={out}"], cwd=cwd, capture_output=True, text=True, timeout=600,
+                             f"out_dir={out}", *extra], cwd=cwd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TABTUNE_EVAL_TABLES": str(cwd / "none")})
     assert result.returncode == 0, result.stderr
     return result
 
 
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "history.jsonl").read_text().splitlines()]
+def history(out: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in (out / "history.jsonl").read_text().splitlines()]
 
 
 def test_pretraining_is_reproducible_and_resumes_where_it_stopped(tmp_path):
-    pretrain(tmp_path / "a", 4, tmp_path)
-    pretrain(tmp_path / "b", 2, tmp_path)  # the same config, stopped after two steps ...
-    resumed = pretrain(tmp_path / "b", 4, tmp_path)  # ... and started again
+    short_schedule = ["warmup_steps=1", "scheduler=linear"]  # the learning rate moves every step
+    pretrain(tmp_path / "a", 4, tmp_path, *short_schedule)
+    stopped = pretrain(tmp_path / "b", 4, tmp_path, *short_schedule, "stop_at=2")  # the same run, stopped ...
+    assert "pretrained to step 2" in stopped.stdout
+    resumed = pretrain(tmp_path / "b", 4, tmp_path, *short_schedule)  # ... and started again
     assert "resumed from" in resumed.stdout + resumed.stderr
-    first, second = losses(tmp_path / "a"), losses(tmp_path / "b")
+    # the schedule follows `steps`, not where a part stopped
+    assert history(tmp_path / "a", "lr") == pytest.approx(history(tmp_path / "b", "lr")) == [0.0005 * f for f in
+                                                                                              (1, 2 / 3, 1 / 3, 0)]
+    first, second = history(tmp_path / "a", "loss"), history(tmp_path / "b", "loss")
     assert len(first) == len(second) == 4
     assert first[:2] == second[:2]  # same seed, same first losses
     assert first[2:] == pytest.approx(second[2:], rel=1e-5)  # the resumed run continues the same run

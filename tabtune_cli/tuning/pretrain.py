@@ -49,15 +49,15 @@ def make_prior(cfg: dict):
 
 
 class PriorStream(torch.utils.data.IterableDataset):
-    """The prior batches of steps ``start..steps-1``, each drawn after seeding with ``(seed, step)``."""
+    """The prior batches of steps ``start..end-1``, each drawn after seeding with ``(seed, step)``."""
 
-    def __init__(self, cfg: dict, start: int):
-        self.cfg, self.start = cfg, start
+    def __init__(self, cfg: dict, start: int, end: int):
+        self.cfg, self.start, self.end = cfg, start, end
 
     def __iter__(self):
         torch.set_num_threads(1)
         prior = make_prior(self.cfg)
-        for step in range(self.start, self.cfg["steps"]):
+        for step in range(self.start, self.end):
             seed_everything(self.cfg["seed"], step)
             yield prior.get_batch()
 
@@ -151,7 +151,9 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
             rundir.write_text(out / "history.jsonl", "".join(line + "\n" for line in kept))
         log(f"resumed from {out / WEIGHTS} at step {start}")
     # one worker process draws prior batches while the main process trains on the previous ones
-    batches = torch.utils.data.DataLoader(PriorStream(cfg, start), batch_size=None,
+    # a run may stop early (stop_at) and go on later: the schedule always follows `steps`
+    end = min(cfg["stop_at"] or cfg["steps"], cfg["steps"])
+    batches = torch.utils.data.DataLoader(PriorStream(cfg, start, end), batch_size=None,
                                           num_workers=cfg["prior_workers"],
                                           prefetch_factor=4 if cfg["prior_workers"] else None)
     group = cfg["prior"]["tables_per_group"]
@@ -163,7 +165,7 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     with progress:
         bar = progress.add_task("pretrain", total=cfg["steps"], completed=start, status="")
         t0 = time.perf_counter()
-        for step, (X, y, d, _, train_sizes) in zip(range(start, cfg["steps"]), batches):
+        for step, (X, y, d, _, train_sizes) in zip(range(start, end), batches):
             t_prior = time.perf_counter() - t0
             model.train()
             loss = batch_loss(model, X, y, d, train_sizes, group)
@@ -181,10 +183,10 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
                 record["zero_shot"] = evaluate(model)
                 log(f"step {step + 1}: zero-shot {record['zero_shot']}")
             rundir.append_jsonl(history, record)
-            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == end:
                 save_checkpoint(out, model, architecture, optimizer, step + 1,
                                 {"loss": loss_value,
                                  "wall_seconds": earlier_seconds + time.perf_counter() - started})
             progress.update(bar, advance=1, status=f"loss {loss_value:.4f} {seconds:.2f}s/step")
             t0 = time.perf_counter()
-    return PretrainResult(step=cfg["steps"], loss=loss_value, out_dir=out)
+    return PretrainResult(step=max(start, end), loss=loss_value, out_dir=out)

@@ -73,10 +73,10 @@ def class_separation(X_context: Tensor, y_context: Tensor) -> Tensor:
     ``X_context`` is ``(batch, rows, features)``, ``y_context`` ``(batch, rows)``; returns ``(batch, features)``.
     """
     onehot = F.one_hot(y_context.long()).to(X_context.dtype)                 # (B, n, C)
-    counts = onehot.sum(dim=1).clamp(min=1).unsqueeze(-1)                    # (B, C, 1)
-    class_means = onehot.transpose(1, 2) @ X_context / counts               # (B, C, F)
+    counts = onehot.sum(dim=1).unsqueeze(-1)                                # (B, C, 1)
+    class_means = onehot.transpose(1, 2) @ X_context / counts.clamp(min=1)  # (B, C, F)
     grand = X_context.mean(dim=1, keepdim=True)                             # (B, 1, F)
-    between = (onehot.sum(dim=1).unsqueeze(-1) * (class_means - grand) ** 2).sum(dim=1)
+    between = (counts * (class_means - grand) ** 2).sum(dim=1)
     within = ((X_context - onehot @ class_means) ** 2).sum(dim=1)
     return between / within.clamp(min=1e-12)
 

@@ -131,7 +131,7 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg["scheduler"], cfg["warmup_steps"],
                                                                        cfg["steps"]))
-    start, earlier_seconds = 0, 0.0
+    start, earlier_seconds, loss_value = 0, 0.0, math.nan
     if (out / STATE).is_file():
         saved, _ = read_checkpoint(out / WEIGHTS)
         if saved != architecture:
@@ -139,7 +139,8 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
             raise TabTuneError(f"{out} holds a run of another architecture (model.{changed[0]}: "
                                f"{saved.get(changed[0])} there, {architecture.get(changed[0])} asked); "
                                f"match it or choose another out_dir")
-        earlier_seconds = json.loads((out / STATE).read_text()).get("wall_seconds", 0.0)
+        saved_state = json.loads((out / STATE).read_text())
+        earlier_seconds, loss_value = saved_state.get("wall_seconds", 0.0), saved_state.get("loss", math.nan)
         start = load_checkpoint(out, model, optimizer)
         with warnings.catch_warnings():  # catching the schedule up is not the misuse torch warns of
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -153,12 +154,14 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     # one worker process draws prior batches while the main process trains on the previous ones
     # a run may stop early (stop_at) and go on later: the schedule always follows `steps`
     end = min(cfg["stop_at"] or cfg["steps"], cfg["steps"])
+    if start >= end:
+        log(f"already at step {start}: nothing to run (raise steps= to go on)")
     batches = torch.utils.data.DataLoader(PriorStream(cfg, start, end), batch_size=None,
                                           num_workers=cfg["prior_workers"],
                                           prefetch_factor=4 if cfg["prior_workers"] else None)
     group = cfg["prior"]["tables_per_group"]
     history = out / "history.jsonl"
-    loss_value, started = math.nan, time.perf_counter()
+    started = time.perf_counter()
     progress = Progress(TextColumn("[bold]pretraining"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not cfg["show_progress"])

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["TabularPipeline", "TabTuneError", "__version__"]
+__all__ = ["TabularPipeline", "TabularLeaderboard", "TabTuneError", "__version__"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from .pipeline import TabularPipeline
 
         return TabularPipeline
+    if name == "TabularLeaderboard":
+        from .evaluation.leaderboard import TabularLeaderboard
+
+        return TabularLeaderboard
     if name == "TabTuneError":
         from .errors import TabTuneError
 

@@ -95,7 +95,7 @@ class TabularPipeline:
         device = resolve_device(self.device)
         torch.manual_seed(self.seed)
 
-        self.preprocessor_ = Preprocessor().fit(X)
+        self.preprocessor_ = Preprocessor(one_hot_max_levels=adapter.one_hot_max_levels(model_config)).fit(X)
         X_train = self.preprocessor_.transform(X)
         if kind == "classification":
             self.label_encoder_ = LabelEncoder().fit(y)

@@ -108,3 +108,22 @@ def test_nano_config_names_the_key_at_fault():
         from_dict(NanoConfig, {"max_input_features": 0}, "model")
     with pytest.raises(TabTuneError, match="model.preprocessing: name at least one view"):
         from_dict(NanoConfig, {"preprocessing": []}, "model")
+
+
+def test_nano_takes_few_level_categories_one_hot_and_other_models_codes():
+    # the label hangs on four of twelve unordered levels
+    rng = np.random.default_rng(5)
+    n = 900
+    X = pd.DataFrame({"shop": rng.choice(list("abcdefghijkl"), size=n), "noise": rng.normal(size=n)})
+    y = pd.Series(np.where(X["shop"].isin(list("behk")) ^ (rng.random(n) < 0.1), "yes", "no"), name="label")
+    kinds = {}
+    for levels in (16, 0):
+        pipe = TabularPipeline(model_name="nano", model_params={"one_hot_max_levels": levels}, device="cpu", seed=0)
+        proba = pipe.fit(X.iloc[:600], y.iloc[:600]).predict_proba(X.iloc[600:])
+        kinds[levels] = [s["kind"] for s in pipe.preprocessor_.state["columns"]]
+        if levels:  # twelve 0/1 columns and the noise: the shipped nano finds the four levels (0.9 is the ceiling)
+            assert len(pipe.preprocessor_.feature_names) == 13
+            assert roc_auc_score(y.iloc[600:] == "yes", proba[:, list(pipe.classes_).index("yes")]) > 0.85
+    assert kinds == {16: ["one-hot", "numeric"], 0: ["categorical", "numeric"]}
+    tabicl = TabularPipeline(model_name="tabicl", model_params={"pretrained": False, "n_estimators": 1}, device="cpu")
+    assert tabicl.fit(X.iloc[:100], y.iloc[:100]).preprocessor_.state["columns"][0]["kind"] == "categorical"

@@ -272,3 +272,25 @@ def test_label_encoder_round_trip_and_unknown_label():
     ints = LabelEncoder().fit(pd.Series(np.array([3, 1, 2, 1])))
     assert ints.classes == [1, 2, 3] and all(type(c) is int for c in ints.classes)
     np.testing.assert_array_equal(ints.transform(pd.Series([1, 3])), [0, 2])
+
+
+def test_a_model_may_take_categories_one_hot():
+    frame = mixed_frame()
+    frame["plan"] = np.where(np.arange(60) % 3 == 0, "yes", "no")  # two levels: stays one 0/1 code
+    frame["size"] = np.array(list("abcdefgh") * 8)[:60]             # eight levels: wider than the limit
+    pre = Preprocessor(one_hot_max_levels=4).fit(frame)
+    assert [spec(pre, c)["kind"] for c in ("color", "plan", "size")] == ["one-hot", "categorical", "categorical"]
+    levels = spec(pre, "color")["categories"]
+    assert pre.feature_names[3:6] == [f"color={c}" for c in levels]
+    out = pre.transform(frame)
+    block = out[:, 3:6]
+    for i, value in enumerate(frame["color"]):
+        expected = [float(value == c) for c in levels]  # missing: all zeros
+        assert block[i].tolist() == expected
+    rows = frame.iloc[:2].copy()
+    rows["color"] = ["purple", levels[1]]                               # unseen: all zeros too
+    assert pre.transform(rows)[:, 3:6].tolist() == [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    # the choice lives in the JSON state: a reloaded preprocessor needs no setting
+    restored = Preprocessor.from_json(json.loads(json.dumps(pre.to_json())))
+    np.testing.assert_array_equal(restored.transform(frame), out)
+    assert spec(Preprocessor().fit(frame), "color")["kind"] == "categorical"  # the default: codes

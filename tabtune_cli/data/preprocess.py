@@ -4,7 +4,10 @@ Every column becomes one or more float features:
 - numeric: missing values filled with the training median (plus a 0/1 missing
   indicator when training had gaps), then standardised and clipped;
 - categorical (strings, booleans, categories): codes by training frequency, one
-  extra code shared by missing and unseen values, then standardised;
+  extra code shared by missing and unseen values, then standardised; or, for a
+  model that asks for it (``one_hot_max_levels``), one 0/1 column per level when
+  training saw more than two and at most that many (missing and unseen values:
+  all zeros);
 - datetimes: year, month, day, weekday and days since the epoch, as numeric;
 - constant columns and ID-like columns (all-distinct strings, or all-distinct
   integers forming a run) are dropped.
@@ -70,8 +73,8 @@ def _json_value(v):
 class Preprocessor:
     """Fit on the training features, then map any table with the same columns to float32 arrays."""
 
-    def __init__(self, state: dict | None = None):
-        self.state = state
+    def __init__(self, state: dict | None = None, one_hot_max_levels: int = 0):
+        self.state, self.one_hot_max_levels = state, one_hot_max_levels
 
     # ---- fitting -------------------------------------------------------------------------
     def fit(self, frame: pd.DataFrame) -> "Preprocessor":
@@ -97,6 +100,9 @@ class Preprocessor:
             else:
                 counts = col.dropna().astype(str).value_counts(sort=True)
                 categories = sorted(counts.index, key=lambda c: (-counts[c], c))
+                if 2 < len(categories) <= self.one_hot_max_levels:  # two levels: one 0/1 code says it all
+                    columns.append({"name": name, "kind": "one-hot", "categories": categories})
+                    continue
                 codes = self._category_codes(col, categories)
                 mean, std = float(codes.mean()), float(codes.std(ddof=0)) or 1.0
                 columns.append({"name": name, "kind": "categorical", "categories": categories, "mean": mean, "std": std})
@@ -145,6 +151,9 @@ class Preprocessor:
             if spec["kind"] == "categorical":
                 names.append(str(spec["name"]))
                 continue
+            if spec["kind"] == "one-hot":
+                names.extend(f"{spec['name']}={c}" for c in spec["categories"])
+                continue
             for st in spec["stats"]:
                 base = str(spec["name"]) if spec["kind"] == "numeric" else f"{spec['name']}.{st['part']}"
                 names.append(base)
@@ -169,6 +178,10 @@ class Preprocessor:
             if spec["kind"] == "categorical":
                 codes = self._category_codes(col, spec["categories"]).to_numpy()
                 blocks.append(((codes - spec["mean"]) / spec["std"])[:, None])
+                continue
+            if spec["kind"] == "one-hot":
+                codes = self._category_codes(col, spec["categories"]).to_numpy()
+                blocks.append((codes[:, None] == np.arange(len(spec["categories"]))).astype("float64"))
                 continue
             if spec["kind"] == "datetime":
                 parts = _date_features(col)

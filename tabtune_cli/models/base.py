@@ -81,6 +81,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- context -----------------------------------------------------------------------------
+    def one_hot_max_levels(self, config: ModelConfig) -> int:
+        """Categorical columns with at most this many levels reach the model one-hot (0: all as codes)."""
+        return 0
+
     def prediction_context(self, labels: np.ndarray | None, n_rows: int, config: ModelConfig, seed: int) -> np.ndarray:
         """Training rows handed to :meth:`predict` as context: all, or a seeded stratified ``max_context_rows``."""
         from ..tuning.episodes import context_rows

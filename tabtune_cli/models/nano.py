@@ -58,9 +58,12 @@ class NanoConfig(ModelConfig):
     name: str = "nano"
     n_estimators: int = 32
     max_input_features: int = 30
+    one_hot_max_levels: int = 16
     preprocessing: List[View] = field(default_factory=lambda: list(View))
 
     def __post_init__(self):
+        if self.one_hot_max_levels < 0:
+            raise TabTuneError(f"model.one_hot_max_levels: must be 0 or more, got {self.one_hot_max_levels}")
         if self.max_input_features < 1:
             raise TabTuneError(f"model.max_input_features: must be at least 1, got {self.max_input_features}")
         if not self.preprocessing:
@@ -236,6 +239,9 @@ class NanoAdapter(ModelAdapter):
         logits = module(torch.cat([v[0] for v in views]), y_context.repeat(len(views), 1),
                         torch.cat([v[1] for v in views]))
         return logits.view(len(views), *X_query.shape[:2], -1).mean(dim=0)[..., : task.n_classes]
+
+    def one_hot_max_levels(self, config: ModelConfig) -> int:
+        return config.one_hot_max_levels
 
     @staticmethod
     def _input_limit(module, config: NanoConfig) -> int:

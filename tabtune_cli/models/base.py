@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 import socket
+from contextlib import contextmanager
 from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,21 +219,17 @@ def class_shift_probs(probs: np.ndarray, shift: int) -> np.ndarray:
 
 
 def ensemble_predict(X_context: np.ndarray, y_context: np.ndarray, X_query: np.ndarray, task: Task,
-                     n_estimators: int, forward, chunk: int, max_features: int | None = None) -> np.ndarray:
+                     n_estimators: int, forward, chunk: int) -> np.ndarray:
     """The mean over ``n_estimators`` members, each a feature order x a cyclic class shift, queries in chunks.
 
     ``forward(X_context, y_context, X_query)`` (numpy in) gives one chunk's class probabilities, or
-    point predictions for regression. Member 0 is the table as given. Tables wider than
-    ``max_features`` give every member its own random subset of columns instead.
+    point predictions for regression. Member 0 is the table as given.
     """
     rng = np.random.default_rng(0)
     n_features = X_context.shape[1]
     total = 0.0
     for member in range(n_estimators):
-        if max_features is not None and n_features > max_features:
-            order = np.sort(rng.choice(n_features, size=max_features, replace=False))
-        else:
-            order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
+        order = np.arange(n_features) if member == 0 else rng.permutation(n_features)
         shift = member % task.n_classes if task.is_classification else 0
         y_member = (y_context + shift) % task.n_classes if task.is_classification else y_context
         X_member = X_context[:, order]

@@ -197,6 +197,7 @@ class PriorSettings:
     type: str = "mix_scm"
     tables_per_step: int = 32
     tables_per_group: int = 8
+    min_rows: Optional[int] = None
     max_rows: int = 256
     max_features: int = 100
     max_classes: int = 10

@@ -63,3 +63,30 @@ def test_a_misspelled_pretrain_key_is_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == \
         "tabtune: error: config key 'stepz': Key 'stepz' not in 'PretrainConfig'"
+
+
+def test_prior_min_rows_lets_each_step_draw_its_table_length(tmp_path):
+    from dataclasses import asdict
+
+    from tabtune_cli.config import PretrainConfig
+    from tabtune_cli.tuning.pretrain import PriorStream
+
+    cfg = asdict(PretrainConfig())
+    cfg["prior"].update(type="mlp_scm", tables_per_step=2, tables_per_group=2, max_features=4)
+    fixed = {**cfg, "prior": {**cfg["prior"], "max_rows": 64}}
+    # tabicl's sampler leaves out its upper end: unset, every table has max_rows - 1 rows
+    assert {batch[0].shape[1] for batch in PriorStream(fixed, 0, 4)} == {63}
+    varied = {**cfg, "prior": {**cfg["prior"], "min_rows": 32, "max_rows": 96}}
+    lengths = [batch[0].shape[1] for batch in PriorStream(varied, 0, 6)]
+    assert all(32 <= n < 96 for n in lengths) and len(set(lengths)) > 2, lengths
+    assert [batch[0].shape[1] for batch in PriorStream(varied, 3, 6)] == lengths[3:]  # a resumed run draws the same
+
+
+def test_prior_min_rows_above_max_rows_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "prior.min_rows=300",
+                             f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "tabtune: error: prior.min_rows: must be between 2 and prior.max_rows (256), got 300")
+    assert not (tmp_path / "run" / "state.json").exists()

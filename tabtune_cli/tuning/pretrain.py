@@ -42,7 +42,7 @@ def make_prior(cfg: dict):
 
     p = cfg["prior"]
     return PriorDataset(batch_size=p["tables_per_step"], batch_size_per_gp=p["tables_per_group"],
-                        min_seq_len=p["max_rows"] - 1, max_seq_len=p["max_rows"], min_features=2,
+                        min_seq_len=p["min_rows"] or p["max_rows"] - 1, max_seq_len=p["max_rows"], min_features=2,
                         max_features=p["max_features"], max_classes=p["max_classes"],
                         log_n_features=p["log_n_features"], min_train_size=p["min_context_fraction"],
                         max_train_size=p["max_context_fraction"], prior_type=p["type"], n_jobs=1)
@@ -121,6 +121,9 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     """Run (or resume) pretraining as ``cfg`` says; ``evaluate(model) -> dict`` is called every eval_every steps."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    rows = cfg["prior"]["min_rows"], cfg["prior"]["max_rows"]
+    if rows[0] is not None and not 2 <= rows[0] <= rows[1]:
+        raise TabTuneError(f"prior.min_rows: must be between 2 and prior.max_rows ({rows[1]}), got {rows[0]}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     out = Path(cfg["out_dir"])

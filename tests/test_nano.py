@@ -13,7 +13,7 @@ from tabtune_cli import TabularPipeline
 from tabtune_cli.config import from_dict
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.models.base import Task
-from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, quantile_view,
+from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, pca_view, quantile_view,
                                      select_features)
 
 
@@ -66,7 +66,29 @@ def test_the_quantile_view_ranks_against_the_context_only():
     np.testing.assert_allclose(alone[0].numpy(), q[:3])
 
 
-def test_episode_logits_average_the_views_over_the_kept_columns():
+def test_the_pca_view_is_the_standardised_context_on_its_principal_axes():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(5)
+    mixing = rng.normal(size=(6, 6)) * np.array([100.0, 1, 1, 0.01, 1, 1])  # columns on very different scales
+    X = rng.normal(size=(80, 6)) @ mixing
+    X = np.c_[X, 3 * X[:, 0] - X[:, 1]]  # a dependent column adds no axis
+    context, query = X[:50], X[50:]
+    c, q = (t[0].double().numpy() for t in pca_view(torch.tensor(context)[None], torch.tensor(query)[None], 30))
+    assert c.shape == (50, 6)  # seven columns, rank six
+    mean, std = context.mean(axis=0), context.std(axis=0)
+    reference = PCA(n_components=6).fit((context - mean) / std)
+    expected_c, expected_q = reference.transform((context - mean) / std), reference.transform((query - mean) / std)
+    signs = np.sign((c * expected_c).sum(axis=0))  # an axis is defined up to its sign
+    np.testing.assert_allclose(c * signs, expected_c, atol=1e-4)
+    np.testing.assert_allclose(q * signs, expected_q, atol=1e-4)
+    # at most `limit` axes, the leading ones; one query's view does not depend on the others
+    c3, q3 = (t[0].double().numpy() for t in pca_view(torch.tensor(context)[None], torch.tensor(query[:4])[None], 3))
+    np.testing.assert_allclose(np.abs(c3), np.abs(c[:, :3]), atol=1e-5)
+    np.testing.assert_allclose(np.abs(q3), np.abs(q[:4, :3]), atol=1e-5)
+
+
+def test_episode_logits_average_the_views():
     adapter = NanoAdapter()
     torch.manual_seed(0)
     module = adapter.from_architecture(dict(adapter.sizes["tiny"])).eval()
@@ -76,9 +98,11 @@ def test_episode_logits_average_the_views_over_the_kept_columns():
     Xc, yc, Xq = X[:, :60], y[:, :60], X[:, 60:]
     task = Task("classification", 3)
     config = NanoConfig(max_input_features=30)
+    assert config.preprocessing == [View.standard, View.quantile, View.pca]
     kept_c, kept_q = select_features(Xc, yc, Xq, 30)
-    expected = (module(kept_c, yc, kept_q) + module(*quantile_view(kept_c, kept_q)[:1], yc,
-                                                    quantile_view(kept_c, kept_q)[1])) / 2
+    (quant_c, quant_q), (pca_c, pca_q) = quantile_view(kept_c, kept_q), pca_view(Xc, Xq, 30)
+    assert pca_c.shape[-1] == 30  # all 40 columns seen, 30 axes kept
+    expected = (module(kept_c, yc, kept_q) + module(quant_c, yc, quant_q) + module(pca_c, yc, pca_q)) / 3
     torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task, config), expected[..., :3])
     standard_only = NanoConfig(max_input_features=30, preprocessing=[View.standard])
     torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task, standard_only),
@@ -102,7 +126,7 @@ def test_the_shipped_nano_finds_the_signal_in_a_wide_table():
 def test_nano_config_names_the_key_at_fault():
     config = from_dict(NanoConfig, {"preprocessing": ["quantile"]}, "model")
     assert config.preprocessing == [View.quantile]
-    with pytest.raises(TabTuneError, match=r"model\.preprocessing: 'foo' is not one of: standard, quantile"):
+    with pytest.raises(TabTuneError, match=r"model\.preprocessing: 'foo' is not one of: standard, quantile, pca"):
         from_dict(NanoConfig, {"preprocessing": ["foo"]}, "model")
     with pytest.raises(TabTuneError, match="model.max_input_features: must be at least 1"):
         from_dict(NanoConfig, {"max_input_features": 0}, "model")

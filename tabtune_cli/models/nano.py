@@ -15,10 +15,12 @@ look alike to the model whatever they were.
 The adapter decides what the model sees of a user's table, the same way when
 it fine-tunes and when it predicts: tables wider than ``max_input_features``
 keep the columns that best separate the classes in the context (ANOVA F), and
-the ensemble members alternate between the features as they are and their
-context quantiles mapped to a normal ("quantile" view). A model this small
-is strongest on the narrow tables the prior draws most often, and the two
-views disagree in useful ways on skewed and categorical columns.
+the ensemble members take turns over views of the table: the features as they
+are, their context quantiles mapped to a normal ("quantile"), and the leading
+principal components of all the columns ("pca", which still sees what the
+column selection drops on wide tables). A model this small is strongest on the
+narrow tables the prior draws most often, and the views disagree in useful
+ways on skewed, categorical and wide tables.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ TAIL = 1e-7  # the quantile view maps onto [-5.2, 5.2]
 
 
 class View(str, Enum):
-    """How an ensemble member sees the features: as given (the model standardises them), or their quantiles."""
+    """How an ensemble member sees the features: as given (the model standardises them), their quantiles,
+    or the principal components of all columns."""
 
     standard = "standard"
     quantile = "quantile"
+    pca = "pca"
 
 
 @dataclass
@@ -108,8 +112,26 @@ def quantile_view(X_context: Tensor, X_query: Tensor):
     return transform(X_context), transform(X_query)
 
 
-def view_of(view: View, X_context: Tensor, X_query: Tensor):
-    """The features of one :class:`View`."""
+def pca_view(X_context: Tensor, X_query: Tensor, limit: int):
+    """The rows projected on the leading ``limit`` principal axes of the standardised context.
+
+    Axes are found per table of the batch; those with (numerically) no variance in any table are dropped.
+    """
+    mean = X_context.mean(dim=1, keepdim=True)
+    std = X_context.std(dim=1, keepdim=True, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    Xc, Xq = ((X_context - mean) / std).double(), ((X_query - mean) / std).double()
+    _, singular, axes = torch.linalg.svd(Xc, full_matrices=False)          # axes: (B, k, F)
+    rank = int((singular > 1e-6 * singular[:, :1].clamp(min=1e-12)).sum(dim=-1).max())
+    axes = axes[:, : max(1, min(limit, rank))].transpose(1, 2)
+    return (Xc @ axes).to(X_context.dtype), (Xq @ axes).to(X_query.dtype)
+
+
+def view_of(view: View, X_context: Tensor, y_context: Tensor, X_query: Tensor, limit: int):
+    """The features of one :class:`View`, at most ``limit`` of them."""
+    if view == View.pca:
+        return pca_view(X_context, X_query, limit)
+    X_context, X_query = select_features(X_context, y_context, X_query, limit)
     return quantile_view(X_context, X_query) if view == View.quantile else (X_context, X_query)
 
 
@@ -234,11 +256,12 @@ class NanoAdapter(ModelAdapter):
                        config: ModelConfig | None = None) -> Tensor:
         # as at prediction: the most class-separating columns, and the mean of the views' logits
         config = config if isinstance(config, NanoConfig) else NanoConfig()
-        X_context, X_query = select_features(X_context, y_context, X_query, self._input_limit(module, config))
-        views = [view_of(view, X_context, X_query) for view in config.preprocessing]
-        logits = module(torch.cat([v[0] for v in views]), y_context.repeat(len(views), 1),
-                        torch.cat([v[1] for v in views]))
-        return logits.view(len(views), *X_query.shape[:2], -1).mean(dim=0)[..., : task.n_classes]
+        limit = self._input_limit(module, config)
+        logits = 0.0
+        for view in config.preprocessing:
+            Xc, Xq = view_of(view, X_context, y_context, X_query, limit)
+            logits = logits + module(Xc, y_context, Xq)
+        return (logits / len(config.preprocessing))[..., : task.n_classes]
 
     def one_hot_max_levels(self, config: ModelConfig) -> int:
         return config.one_hot_max_levels
@@ -252,8 +275,7 @@ class NanoAdapter(ModelAdapter):
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
         as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))[None]  # noqa: E731
-        Xc, Xq = select_features(as_tensor(X_context), torch.as_tensor(y_context)[None], as_tensor(X_query),
-                                 self._input_limit(module, config))
+        Xc, yc, Xq = as_tensor(X_context), torch.as_tensor(y_context)[None], as_tensor(X_query)
 
         def forward(Xc, yc, Xq):
             logits = module(torch.as_tensor(Xc, device=device)[None], torch.as_tensor(yc, device=device)[None],
@@ -265,7 +287,7 @@ class NanoAdapter(ModelAdapter):
         for i, view in enumerate(config.preprocessing):
             members = len(range(i, config.n_estimators, len(config.preprocessing)))
             if members:
-                Xc_view, Xq_view = view_of(view, Xc, Xq)
+                Xc_view, Xq_view = view_of(view, Xc, yc, Xq, self._input_limit(module, config))
                 total = total + members * ensemble_predict(Xc_view[0].numpy(), y_context, Xq_view[0].numpy(), task,
                                                            members, forward, chunk=4096)
         return total / max(config.n_estimators, 1)

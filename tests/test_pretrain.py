@@ -88,5 +88,5 @@ def test_prior_min_rows_above_max_rows_is_one_line(tmp_path):
                             env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
-        "tabtune: error: prior.min_rows: must be between 2 and prior.max_rows (256), got 300")
+        "tabtune: error: prior.min_rows: must be at least 2 and below prior.max_rows (256), got 300")
     assert not (tmp_path / "run" / "state.json").exists()

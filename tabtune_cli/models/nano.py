@@ -254,7 +254,7 @@ class NanoAdapter(ModelAdapter):
 
     def episode_logits(self, module, X_context, y_context, X_query, task: Task,
                        config: ModelConfig | None = None) -> Tensor:
-        # as at prediction: the most class-separating columns, and the mean of the views' logits
+        # as at prediction: every view of the table (at most max_input_features columns each), logits averaged
         config = config if isinstance(config, NanoConfig) else NanoConfig()
         limit = self._input_limit(module, config)
         logits = 0.0

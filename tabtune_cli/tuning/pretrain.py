@@ -122,8 +122,8 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     rows = cfg["prior"]["min_rows"], cfg["prior"]["max_rows"]
-    if rows[0] is not None and not 2 <= rows[0] <= rows[1]:
-        raise TabTuneError(f"prior.min_rows: must be between 2 and prior.max_rows ({rows[1]}), got {rows[0]}")
+    if rows[0] is not None and not 2 <= rows[0] < rows[1]:
+        raise TabTuneError(f"prior.min_rows: must be at least 2 and below prior.max_rows ({rows[1]}), got {rows[0]}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     out = Path(cfg["out_dir"])

@@ -13,8 +13,8 @@ import pytest
 from tabtune_cli.models.nano import read_checkpoint
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "prior.tables_per_step=4",
-        "prior.tables_per_group=2", "prior.max_rows=48", "prior.max_features=6", "checkpoint_every=1",
-        "eval_every=1000", "show_progress=false", "threads=1", "prior_workers=0", "prior.type=mlp_scm"]
+        "prior.tables_per_group=2", "prior.min_rows=null", "prior.max_rows=48", "prior.max_features=6",
+        "checkpoint_every=1", "eval_every=1000", "show_progress=false", "threads=1", "prior_workers=0", "prior.type=mlp_scm"]
 
 
 def pretrain(out: Path, steps: int, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -83,7 +83,7 @@ def test_prior_min_rows_lets_each_step_draw_its_table_length(tmp_path):
 
 
 def test_prior_min_rows_above_max_rows_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "prior.min_rows=300",
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "prior.max_rows=256", "prior.min_rows=300",
                              f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
     assert result.returncode == 2

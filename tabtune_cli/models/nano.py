@@ -60,7 +60,7 @@ class NanoConfig(ModelConfig):
     """nano's keys: the shared ones plus how a user's table is shown to the model."""
 
     name: str = "nano"
-    n_estimators: int = 32
+    n_estimators: int = 64
     max_input_features: int = 30
     one_hot_max_levels: int = 16
     preprocessing: List[View] = field(default_factory=lambda: list(View))

@@ -127,12 +127,17 @@ def pca_view(X_context: Tensor, X_query: Tensor, limit: int):
     return (Xc @ axes).to(X_context.dtype), (Xq @ axes).to(X_query.dtype)
 
 
-def view_of(view: View, X_context: Tensor, y_context: Tensor, X_query: Tensor, limit: int):
-    """The features of one :class:`View`, at most ``limit`` of them."""
-    if view == View.pca:
-        return pca_view(X_context, X_query, limit)
-    X_context, X_query = select_features(X_context, y_context, X_query, limit)
-    return quantile_view(X_context, X_query) if view == View.quantile else (X_context, X_query)
+def table_views(views: List[View], X_context: Tensor, y_context: Tensor, X_query: Tensor, limit: int):
+    """``(context, query)`` features of each view in ``views``, at most ``limit`` columns each.
+
+    The columns are chosen once for the views that take the most class-separating ones; ``pca`` sees all.
+    """
+    kept = select_features(X_context, y_context, X_query, limit)
+    for view in views:
+        if view == View.pca:
+            yield pca_view(X_context, X_query, limit)
+        else:
+            yield quantile_view(*kept) if view == View.quantile else kept
 
 
 def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
@@ -256,10 +261,9 @@ class NanoAdapter(ModelAdapter):
                        config: ModelConfig | None = None) -> Tensor:
         # as at prediction: every view of the table (at most max_input_features columns each), logits averaged
         config = config if isinstance(config, NanoConfig) else NanoConfig()
-        limit = self._input_limit(module, config)
         logits = 0.0
-        for view in config.preprocessing:
-            Xc, Xq = view_of(view, X_context, y_context, X_query, limit)
+        for Xc, Xq in table_views(config.preprocessing, X_context, y_context, X_query,
+                                  self._input_limit(module, config)):
             logits = logits + module(Xc, y_context, Xq)
         return (logits / len(config.preprocessing))[..., : task.n_classes]
 
@@ -284,10 +288,10 @@ class NanoAdapter(ModelAdapter):
 
         # the members are shared out over the views in turn
         total = 0.0
-        for i, view in enumerate(config.preprocessing):
+        views = table_views(config.preprocessing, Xc, yc, Xq, self._input_limit(module, config))
+        for i, (Xc_view, Xq_view) in enumerate(views):
             members = len(range(i, config.n_estimators, len(config.preprocessing)))
             if members:
-                Xc_view, Xq_view = view_of(view, Xc, yc, Xq, self._input_limit(module, config))
                 total = total + members * ensemble_predict(Xc_view[0].numpy(), y_context, Xq_view[0].numpy(), task,
                                                            members, forward, chunk=4096)
         return total / max(config.n_estimators, 1)

@@ -13,8 +13,8 @@ from tabtune_cli import TabularPipeline
 from tabtune_cli.config import from_dict
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.models.base import Task
-from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, pca_view, quantile_view,
-                                     select_features)
+from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, fit_calibration, pca_view,
+                                     quantile_view, rescale, select_features)
 
 
 def test_class_separation_is_the_anova_f_statistic_up_to_its_constant():
@@ -121,6 +121,36 @@ def test_the_shipped_nano_finds_the_signal_in_a_wide_table():
         proba = pipe.fit(X.iloc[:600], y.iloc[:600]).predict_proba(X.iloc[600:])
         auc[limit] = roc_auc_score(y.iloc[600:] == "yes", proba[:, list(pipe.classes_).index("yes")])
     assert auc[30] > 0.9 and auc[30] > auc[100] + 0.03, auc
+
+
+def test_calibration_recovers_the_scale_and_offsets_that_flattened_the_probabilities():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(4000, 3))
+    truth = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in truth])
+    flat = rescale(truth, np.array([0.25, 0.5, -1.0]))   # a quarter of the scale, classes 1 and 2 shifted
+    params = fit_calibration(flat, labels)
+    np.testing.assert_allclose(params, [4.0, -2.0, 4.0], atol=0.4)
+    np.testing.assert_allclose(rescale(flat, params).sum(axis=1), 1.0)
+    rows = np.arange(len(labels))
+    assert -np.log(rescale(flat, params)[rows, labels]).mean() < -np.log(flat[rows, labels]).mean() - 0.2
+
+
+def test_calibrated_nano_keeps_the_binary_ranking_and_lowers_the_log_loss():
+    # an imbalanced binary table: zero-shot nano hedges towards the majority; calibration sharpens it
+    rng = np.random.default_rng(5)
+    X = pd.DataFrame(rng.normal(size=(1200, 6)), columns=[f"x{i}" for i in range(6)])
+    y = pd.Series(np.where(X["x0"] + X["x1"] + 0.5 * rng.normal(size=1200) > 1.4, "rich", "poor"), name="income")
+    test_y = y.iloc[800:] == "rich"
+    result = {}
+    for calibrate in (False, True):
+        pipe = TabularPipeline(model_name="nano", model_params={"n_estimators": 4, "calibrate": calibrate},
+                               device="cpu", seed=0).fit(X.iloc[:800], y.iloc[:800])
+        proba = pipe.predict_proba(X.iloc[800:])[:, list(pipe.classes_).index("rich")]
+        result[calibrate] = (roc_auc_score(test_y, proba), pipe.evaluate(X.iloc[800:], y.iloc[800:]))
+    (auc_raw, raw), (auc_cal, cal) = result[False], result[True]
+    assert auc_cal == pytest.approx(auc_raw, abs=1e-12)      # a monotone map of a binary score
+    assert cal["log_loss"] < raw["log_loss"] - 0.01 and cal["accuracy"] > raw["accuracy"], (raw, cal)
 
 
 def test_nano_config_names_the_key_at_fault():

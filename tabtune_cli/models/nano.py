@@ -34,6 +34,7 @@ from typing import List
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
@@ -64,6 +65,9 @@ class NanoConfig(ModelConfig):
     max_input_features: int = 30
     one_hot_max_levels: int = 16
     preprocessing: List[View] = field(default_factory=lambda: list(View))
+    # rescale the ensemble's log-probabilities and shift each class's, fitted to context rows that the
+    # other half of the context predicts (nano is underconfident zero-shot)
+    calibrate: bool = False
 
     def __post_init__(self):
         if self.one_hot_max_levels < 0:
@@ -138,6 +142,26 @@ def table_views(views: List[View], X_context: Tensor, y_context: Tensor, X_query
             yield pca_view(X_context, X_query, limit)
         else:
             yield quantile_view(*kept) if view == View.quantile else kept
+
+
+def rescale(proba: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """``softmax(scale * log(proba) + offsets)``; ``params`` is the scale, then offsets for classes 1..C-1."""
+    logits = params[0] * np.log(np.clip(proba, 1e-12, None))
+    logits[:, 1:] += params[1:]
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_calibration(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The scale and class offsets for ``rescale`` that minimise the log loss of ``proba`` on ``labels``."""
+    rows = np.arange(len(labels))
+
+    def log_loss(params):
+        return -np.log(rescale(proba, params)[rows, labels] + 1e-12).mean()
+
+    start = np.r_[1.0, np.zeros(proba.shape[1] - 1)]
+    return minimize(log_loss, start, method="L-BFGS-B", bounds=[(0.0, 50.0)] + [(-20.0, 20.0)] * (len(start) - 1)).x
 
 
 def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
@@ -286,15 +310,26 @@ class NanoAdapter(ModelAdapter):
                             torch.as_tensor(Xq, device=device)[None])[0, :, : task.n_classes].float()
             return torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy()
 
-        # the members are shared out over the views in turn
-        total = 0.0
-        views = table_views(config.preprocessing, Xc, yc, Xq, self._input_limit(module, config))
-        for i, (Xc_view, Xq_view) in enumerate(views):
-            members = len(range(i, config.n_estimators, len(config.preprocessing)))
-            if members:
-                total = total + members * ensemble_predict(Xc_view[0].numpy(), y_context, Xq_view[0].numpy(), task,
-                                                           members, forward, chunk=4096)
-        return total / max(config.n_estimators, 1)
+        def ensemble(Xc, yc, Xq, n_estimators):
+            # the members are shared out over the views in turn
+            total = 0.0
+            views = table_views(config.preprocessing, Xc, yc, Xq, self._input_limit(module, config))
+            for i, (Xc_view, Xq_view) in enumerate(views):
+                members = len(range(i, n_estimators, len(config.preprocessing)))
+                if members:
+                    total = total + members * ensemble_predict(Xc_view[0].numpy(), yc[0].numpy(), Xq_view[0].numpy(),
+                                                               task, members, forward, chunk=4096)
+            return total / max(n_estimators, 1)
+
+        proba = ensemble(Xc, yc, Xq, config.n_estimators)
+        if not config.calibrate:
+            return proba
+        # each half of the context is predicted from the other half (with at most 16 members)
+        halves = np.array_split(np.random.default_rng(0).permutation(Xc.shape[1]), 2)
+        cross = np.empty((Xc.shape[1], proba.shape[1]))
+        for given, asked in (halves, halves[::-1]):
+            cross[asked] = ensemble(Xc[:, given], yc[:, given], Xc[:, asked], min(config.n_estimators, 16))
+        return rescale(proba, fit_calibration(cross, np.asarray(y_context)))
 
     def lora_targets(self, module: nn.Module, prefixes):
         return [n for n, m in self.modules_under(module, prefixes).items() if isinstance(m, nn.Linear)], []

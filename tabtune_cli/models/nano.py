@@ -34,9 +34,9 @@ from typing import List
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open
+from scipy.optimize import minimize
 from torch import Tensor, nn
 
 from ..config import ModelConfig

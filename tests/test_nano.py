@@ -136,6 +136,26 @@ def test_calibration_recovers_the_scale_and_offsets_that_flattened_the_probabili
     assert -np.log(rescale(flat, params)[rows, labels]).mean() < -np.log(flat[rows, labels]).mean() - 0.2
 
 
+def test_calibration_trusts_a_few_rows_little_and_many_rows_more():
+    # rows that the hedged probabilities all rank right: the more of them, the surer the fit lets it be
+    sure = {}
+    for n in (4, 40, 400):
+        proba, labels = np.tile([[0.6, 0.4], [0.4, 0.6]], (n // 2, 1)), np.tile([0, 1], n // 2)
+        sure[n] = rescale(proba, fit_calibration(proba, labels))[0, 0]
+    assert 0.6 < sure[4] < 0.7 < sure[40] < 0.8 < 0.9 < sure[400] < 0.97, sure
+
+
+def test_calibrated_nano_predicts_from_a_context_of_a_few_rows():
+    X = pd.DataFrame({"a": [0.1, 0.3, 2.0, 2.2, 4.1, 3.9], "b": [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]})
+    y = pd.Series(["low", "low", "mid", "mid", "high", "high"], name="level")
+    pipe = TabularPipeline(model_name="nano", model_params={"n_estimators": 4, "calibrate": True}, device="cpu",
+                           seed=0).fit(X, y)
+    proba = pipe.predict_proba(pd.DataFrame({"a": [0.0, 4.0], "b": [1.0, 0.0]}))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    # two rows a class: the halves must each hold every class, or the fit flattens it all to a third
+    assert list(pipe.classes_[proba.argmax(axis=1)]) == ["low", "high"] and proba.max(axis=1).min() > 0.9, proba
+
+
 def test_calibrated_nano_keeps_the_binary_ranking_and_lowers_the_log_loss():
     # an imbalanced binary table: zero-shot nano hedges towards the majority; calibration sharpens it
     rng = np.random.default_rng(5)
@@ -150,7 +170,8 @@ def test_calibrated_nano_keeps_the_binary_ranking_and_lowers_the_log_loss():
         result[calibrate] = (roc_auc_score(test_y, proba), pipe.evaluate(X.iloc[800:], y.iloc[800:]))
     (auc_raw, raw), (auc_cal, cal) = result[False], result[True]
     assert auc_cal == pytest.approx(auc_raw, abs=1e-12)      # a monotone map of a binary score
-    assert cal["log_loss"] < raw["log_loss"] - 0.01 and cal["accuracy"] > raw["accuracy"], (raw, cal)
+    assert cal["log_loss"] < raw["log_loss"] - 0.01, (raw, cal)
+    assert cal["balanced_accuracy"] > raw["balanced_accuracy"] + 0.02, (raw, cal)   # the minority is found more
 
 
 def test_nano_config_names_the_key_at_fault():

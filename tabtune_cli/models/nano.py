@@ -154,14 +154,20 @@ def rescale(proba: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 
 def fit_calibration(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The scale and class offsets for ``rescale`` that minimise the log loss of ``proba`` on ``labels``."""
+    """The scale and class offsets for ``rescale`` that minimise the log loss of ``proba`` on ``labels``.
+
+    A penalty of one row's weight pulls them towards no change (scale 1, offsets 0), so that a handful
+    of rows cannot make the model sure of itself; from a hundred rows on it hardly matters. The scale
+    stays positive, so that however little the rows trust the model, its ranking is kept.
+    """
     rows = np.arange(len(labels))
-
-    def log_loss(params):
-        return -np.log(rescale(proba, params)[rows, labels] + 1e-12).mean()
-
     start = np.r_[1.0, np.zeros(proba.shape[1] - 1)]
-    return minimize(log_loss, start, method="L-BFGS-B", bounds=[(0.0, 50.0)] + [(-20.0, 20.0)] * (len(start) - 1)).x
+
+    def objective(params):
+        log_loss = -np.log(rescale(proba, params)[rows, labels] + 1e-12).mean()
+        return log_loss + ((params - start) ** 2).sum() / len(labels)
+
+    return minimize(objective, start, method="L-BFGS-B", bounds=[(0.01, 50.0)] + [(-20.0, 20.0)] * (len(start) - 1)).x
 
 
 def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
@@ -324,12 +330,20 @@ class NanoAdapter(ModelAdapter):
         proba = ensemble(Xc, yc, Xq, config.n_estimators)
         if not config.calibrate:
             return proba
-        # each half of the context is predicted from the other half (with at most 16 members)
-        halves = np.array_split(np.random.default_rng(0).permutation(Xc.shape[1]), 2)
-        cross = np.empty((Xc.shape[1], proba.shape[1]))
+        # each half of the context is predicted from the other half (with at most 16 members); the halves
+        # split every class, and a row whose class the other half lacks (a class of one row) is not fitted
+        labels = np.asarray(y_context)
+        rng = np.random.default_rng(0)
+        order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+        halves = order[0::2], order[1::2]
+        cross, fitted = np.empty((len(labels), proba.shape[1])), []
         for given, asked in (halves, halves[::-1]):
             cross[asked] = ensemble(Xc[:, given], yc[:, given], Xc[:, asked], min(config.n_estimators, 16))
-        return rescale(proba, fit_calibration(cross, np.asarray(y_context)))
+            fitted.append(asked[np.isin(labels[asked], labels[given])])
+        fitted = np.concatenate(fitted)
+        if len(fitted) == 0:
+            return proba
+        return rescale(proba, fit_calibration(cross[fitted], labels[fitted]))
 
     def lora_targets(self, module: nn.Module, prefixes):
         return [n for n, m in self.modules_under(module, prefixes).items() if isinstance(m, nn.Linear)], []

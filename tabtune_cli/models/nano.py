@@ -21,6 +21,11 @@ principal components of all the columns ("pca", which still sees what the
 column selection drops on wide tables). A model this small is strongest on the
 narrow tables the prior draws most often, and the views disagree in useful
 ways on skewed, categorical and wide tables.
+
+The ensemble's mean is underconfident (most on many classes and imbalanced
+tables), so by default ``predict`` calibrates it: each half of the context is
+predicted from the other half, and one scale of the log-probabilities plus an
+offset per class, fitted to those rows, are applied to the queries.
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ class NanoConfig(ModelConfig):
     one_hot_max_levels: int = 16
     preprocessing: List[View] = field(default_factory=lambda: list(View))
     # rescale the ensemble's log-probabilities and shift each class's, fitted to context rows that the
-    # other half of the context predicts (nano is underconfident zero-shot)
-    calibrate: bool = False
+    # other half of the context predicts (the ensemble alone is underconfident)
+    calibrate: bool = True
 
     def __post_init__(self):
         if self.one_hot_max_levels < 0:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open
 from scipy.optimize import minimize
+from scipy.special import softmax
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -153,9 +154,7 @@ def rescale(proba: np.ndarray, params: np.ndarray) -> np.ndarray:
     """``softmax(scale * log(proba) + offsets)``; ``params`` is the scale, then offsets for classes 1..C-1."""
     logits = params[0] * np.log(np.clip(proba, 1e-12, None))
     logits[:, 1:] += params[1:]
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
+    return softmax(logits, axis=1)
 
 
 def fit_calibration(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -336,18 +335,17 @@ class NanoAdapter(ModelAdapter):
         if not config.calibrate:
             return proba
         # each half of the context is predicted from the other half (with at most 16 members); the halves
-        # split every class, and a row whose class the other half lacks (a class of one row) is not fitted
+        # split every class, and the rows of a class that only one half holds (a class of one row) are not fitted
         labels = np.asarray(y_context)
         rng = np.random.default_rng(0)
         order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
         halves = order[0::2], order[1::2]
-        cross, fitted = np.empty((len(labels), proba.shape[1])), []
+        fitted = np.isin(labels, np.intersect1d(labels[halves[0]], labels[halves[1]]))
+        if not fitted.any():
+            return proba
+        cross = np.empty((len(labels), proba.shape[1]))
         for given, asked in (halves, halves[::-1]):
             cross[asked] = ensemble(Xc[:, given], yc[:, given], Xc[:, asked], min(config.n_estimators, 16))
-            fitted.append(asked[np.isin(labels[asked], labels[given])])
-        fitted = np.concatenate(fitted)
-        if len(fitted) == 0:
-            return proba
         return rescale(proba, fit_calibration(cross[fitted], labels[fitted]))
 
     def lora_targets(self, module: nn.Module, prefixes):

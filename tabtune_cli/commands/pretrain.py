@@ -50,7 +50,9 @@ def make_evaluator(folder: Path):
     tables = tracking_tables(folder)
     if not tables:
         return None
-    adapter, config = NanoAdapter(), NanoConfig(n_estimators=1, softmax_temperature=1.0, preprocessing=[View.standard])
+    # binary ROC AUC only: calibration (a monotone map of a binary score) would cost time and change nothing
+    adapter = NanoAdapter()
+    config = NanoConfig(n_estimators=1, softmax_temperature=1.0, preprocessing=[View.standard], calibrate=False)
 
     def evaluate(model) -> dict:
         scores = {}

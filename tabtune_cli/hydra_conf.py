@@ -47,6 +47,17 @@ def register() -> None:
         store.store(group="schema/model", name=name, node=cls.config_class)
     if not OmegaConf.has_resolver("tabtune.is_set"):
         OmegaConf.register_new_resolver("tabtune.is_set", lambda value: value is not None)
+    if not OmegaConf.has_resolver("tabtune.models_help"):
+        OmegaConf.register_new_resolver("tabtune.models_help", models_help)
+
+
+def models_help() -> str:
+    """The models block of ``tabtune train --help``: each model's tasks, limits and default LoRA targets."""
+    lines = ["== Models (model=<name>) =="]
+    for name, cls in sorted(ADAPTERS.items()):
+        lines.append(f"{name} ({cls.title}): {', '.join(cls.tasks)}; {cls.limits}")
+        lines.append(f"    LoRA targets (lora.target_modules=null): {', '.join(cls.default_lora_prefixes)}")
+    return "\n".join(lines)
 
 
 def one_line(exc: BaseException) -> str:

@@ -14,10 +14,10 @@ from ..models.registry import ADAPTERS
 def run(argv: list[str]) -> int:
     console = Console()
     models = Table(title="models (model=<name>)")
-    for col in ("name", "model", "tasks", "max classes", "random sizes", "default LoRA targets"):
+    for col in ("name", "model", "tasks", "limits", "random sizes", "default LoRA targets"):
         models.add_column(col)
     for name, cls in sorted(ADAPTERS.items()):
-        models.add_row(name, cls.title, ", ".join(cls.tasks), str(cls.max_classes or "any"), ", ".join(cls.sizes),
+        models.add_row(name, cls.title, ", ".join(cls.tasks), cls.limits, ", ".join(cls.sizes),
                        "\n".join(cls.default_lora_prefixes))
     console.print(models)
 

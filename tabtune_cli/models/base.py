@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -42,6 +43,7 @@ class ModelAdapter:
     # otherwise tabtune's generic hierarchy (predict_classes) does
     native_many_classes: ClassVar[bool] = False
     sizes: ClassVar[dict[str, dict]] = {}      # named random-weight sizes
+    limits: ClassVar[str] = ""                  # what the model takes, in words (`tabtune ls`)
     repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
     checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
 
@@ -205,11 +207,16 @@ def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, mode
 
 
 def load_weights(module: nn.Module, state: dict, path) -> nn.Module:
-    """``module`` with ``state`` loaded; a checkpoint whose weights do not fit is a TabTuneError naming the file."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[0][:160]})") from None
+    """``module`` with ``state`` loaded strictly; a key or shape that does not fit is a TabTuneError naming it."""
+    try:  # strict=False only to name the first stray key ourselves; any stray key is refused below
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise TabTuneError(f"{path}: weights do not match its config ({str(exc).splitlines()[-1].strip()[:200]})") from None
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        which = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise TabTuneError(f"{path}: weights do not match its config ({which}; "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected)")
     return module
 
 
@@ -219,11 +226,13 @@ def class_shift_probs(probs: np.ndarray, shift: int) -> np.ndarray:
 
 
 def ensemble_predict(X_context: np.ndarray, y_context: np.ndarray, X_query: np.ndarray, task: Task,
-                     n_estimators: int, forward, chunk: int) -> np.ndarray:
+                     n_estimators: int, forward, chunk: int, logit_temperature: float | None = None) -> np.ndarray:
     """The mean over ``n_estimators`` members, each a feature order x a cyclic class shift, queries in chunks.
 
     ``forward(X_context, y_context, X_query)`` (numpy in) gives one chunk's class probabilities, or
-    point predictions for regression. Member 0 is the table as given.
+    point predictions for regression. Member 0 is the table as given. With ``logit_temperature``,
+    ``forward`` gives class logits instead, and the members' mean logits go through a softmax at that
+    temperature (the TabICL family's own wrappers average logits, not probabilities).
     """
     rng = np.random.default_rng(0)
     n_features = X_context.shape[1]
@@ -237,4 +246,6 @@ def ensemble_predict(X_context: np.ndarray, y_context: np.ndarray, X_query: np.n
                                for start in range(0, len(X_query), chunk)])
         total = total + (class_shift_probs(pred, shift) if task.is_classification else pred)
     pred = total / n_estimators
+    if logit_temperature is not None:
+        return softmax(pred / logit_temperature, axis=1)
     return pred / pred.sum(axis=1, keepdims=True) if task.is_classification else pred

@@ -172,6 +172,8 @@ class TabDPTAdapter(ModelAdapter):
     title = "TabDPT"
     tasks = ("classification", "regression")
     max_classes = 10
+    limits = ("10 classes a head (more: class hierarchy); features <= the checkpoint's max_num_features; "
+              "past max_context_rows each query retrieves its nearest rows")
     repo_id = REPO_ID
     checkpoints = {"classification": CHECKPOINT, "regression": CHECKPOINT}
     sizes = {

@@ -37,6 +37,27 @@ CHECKPOINTS = {"classification": "tabicl-classifier-v2-20260212.ckpt",
                "regression": "tabicl-regressor-v2-20260212.ckpt"}
 
 
+def read_container(path, title: str) -> tuple[dict, dict]:
+    """``(config, state_dict)`` of a file in TabICL's container (TabICL, OrionMSP, OrionBix); no code runs.
+
+    The ``_orig_mod.`` (torch.compile) and ``module.`` (DataParallel) key prefixes are stripped, as the
+    Orion reference loaders do."""
+    a_title = f"{'an' if title[0] in 'AEIOU' else 'a'} {title}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TabTuneError(f"{path}: not {a_title} checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint) \
+            or not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["state_dict"], dict):
+        raise TabTuneError(f"{path}: not {a_title} checkpoint (expected a dict with 'config' and 'state_dict')")
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        state[key] = value
+    return dict(checkpoint["config"]), state
+
+
 class LiveOutProjAttention(MultiheadAttention):
     """TabICL's attention, with ``out_proj`` applied through its forward so LoRA on it is live."""
 
@@ -70,6 +91,7 @@ class TabICLAdapter(ModelAdapter):
     tasks = ("classification", "regression")
     max_classes = 10
     native_many_classes = True  # TabICL's eval path builds its own class hierarchy
+    limits = "10 classes a head (more: TabICL's own hierarchy); context <= max_context_rows"
     repo_id = REPO_ID
     checkpoints = CHECKPOINTS
     sizes = {
@@ -90,19 +112,13 @@ class TabICLAdapter(ModelAdapter):
                             "zero_init": False}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise TabTuneError(f"{path}: not a TabICL checkpoint ({str(exc).splitlines()[0][:120]})") from None
-        if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
-            raise TabTuneError(f"{path}: not a TabICL checkpoint (expected a dict with 'config' and 'state_dict')")
-        architecture = dict(checkpoint["config"])
+        architecture, state = read_container(path, self.title)
         is_regressor = architecture.get("max_classes", 10) == 0
         if is_regressor == task.is_classification:
             kind = "regression" if is_regressor else "classification"
             raise TabTuneError(f"{path}: this is a TabICL {kind} checkpoint, but the task is {task.kind}")
         module = self.from_architecture(architecture)
-        load_weights(module, checkpoint["state_dict"], path)
+        load_weights(module, state, path)
         return module, architecture
 
     def from_architecture(self, architecture: dict) -> nn.Module:

@@ -130,6 +130,7 @@ class TabPFNAdapter(ModelAdapter):
     config_class = TabPFNConfig
     tasks = ("classification", "regression")
     max_classes = 10
+    limits = "10 classes a head (more: class hierarchy); context <= max_context_rows"
     repo_id = "Prior-Labs/TabPFN-v2-clf"
     # the package's default v2 files (tabpfn.model_loading.ModelSource)
     checkpoints = {"classification": "tabpfn-v2-classifier-finetuned-zk73skhh.ckpt",

@@ -3,7 +3,7 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 DEMO    := dataset=breast_cancer
 
-.PHONY: help install demo test test-all bench-nano lint clean
+.PHONY: help install demo test test-all parity bench-nano bench-mitra lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,11 +28,34 @@ test: $(STAMP)  ## run the test suite (fast; CI runs this)
 test-all: $(STAMP)  ## the test suite including slow tests
 	$(PY) -m pytest -q -m ''
 
+# The reference implementations pin versions that clash with ours and with each other, so each gets
+# its own environment (torch first, as above): the competitor tabtune 0.2.1 vendors OrionMSP/OrionBix,
+# AutoGluon has Mitra. tabtune never imports them: they write checkpoints and outputs to runs/parity.
+.venv-parity/.installed:
+	python3 -m venv .venv-parity
+	.venv-parity/bin/python -m pip install -q $(TORCH)
+	.venv-parity/bin/python -m pip install -q tabtune==0.2.1
+	touch $@
+
+.venv-parity-ag/.installed:
+	python3 -m venv .venv-parity-ag
+	.venv-parity-ag/bin/python -m pip install -q $(TORCH)
+	.venv-parity-ag/bin/python -m pip install -q 'autogluon.tabular[mitra]==1.6.3'
+	touch $@
+
+parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitra/OrionMSP/OrionBix vs the reference code on random weights (not in CI)
+	rm -rf runs/parity
+	.venv-parity-ag/bin/python tests/parity/ref_mitra.py runs/parity
+	TABTUNE_PARITY_DIR=runs/parity $(PY) -m pytest -q -s -m parity tests/parity
+
 bench-nano: $(STAMP)  ## nano (inference, base-ft, peft) vs LogisticRegression and HistGradientBoosting
 	.venv/bin/tabtune leaderboard
 
+bench-mitra: $(STAMP)  ## Mitra's prediction memory and time at 1k, 10k, 100k query rows (random weights; --size official too)
+	$(PY) benchmarks/mitra_memory.py
+
 lint: $(STAMP)  ## static checks (undefined names, unused imports, syntax)
-	.venv/bin/ruff check --select F,E9 tabtune_cli tests
+	.venv/bin/ruff check --select F,E9 tabtune_cli tests benchmarks
 
 clean:  ## remove the virtual environment and build outputs
-	rm -rf .venv dist build
+	rm -rf .venv .venv-parity .venv-parity-ag dist build

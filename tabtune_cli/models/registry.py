@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ..errors import TabTuneError
 from .base import ModelAdapter
+from .mitra import MitraAdapter
 from .nano import NanoAdapter
 from .tabicl import TabICLAdapter
 from .tabdpt import TabDPTAdapter
 from .tabpfn import TabPFNAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {cls.name: cls for cls in (NanoAdapter, TabDPTAdapter, TabICLAdapter, TabPFNAdapter)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    cls.name: cls for cls in (MitraAdapter, NanoAdapter, TabDPTAdapter, TabICLAdapter, TabPFNAdapter)}
 
 
 def get_adapter(name: str) -> ModelAdapter:

@@ -46,6 +46,7 @@ test-all: $(STAMP)  ## the test suite including slow tests
 parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitra/OrionMSP/OrionBix vs the reference code on random weights (not in CI)
 	rm -rf runs/parity
 	.venv-parity-ag/bin/python tests/parity/ref_mitra.py runs/parity
+	for ref in tests/parity/ref_orion_*.py; do .venv-parity/bin/python $$ref runs/parity || exit 1; done
 	TABTUNE_PARITY_DIR=runs/parity $(PY) -m pytest -q -s -m parity tests/parity
 
 bench-nano: $(STAMP)  ## nano (inference, base-ft, peft) vs LogisticRegression and HistGradientBoosting

@@ -6,12 +6,15 @@ from ..errors import TabTuneError
 from .base import ModelAdapter
 from .mitra import MitraAdapter
 from .nano import NanoAdapter
+from .orion_bix import OrionBixAdapter
+from .orion_msp import OrionMSPAdapter
 from .tabicl import TabICLAdapter
 from .tabdpt import TabDPTAdapter
 from .tabpfn import TabPFNAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.name: cls for cls in (MitraAdapter, NanoAdapter, TabDPTAdapter, TabICLAdapter, TabPFNAdapter)}
+    cls.name: cls for cls in (MitraAdapter, NanoAdapter, OrionBixAdapter, OrionMSPAdapter, TabDPTAdapter,
+                              TabICLAdapter, TabPFNAdapter)}
 
 
 def get_adapter(name: str) -> ModelAdapter:

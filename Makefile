@@ -3,7 +3,7 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 DEMO    := dataset=breast_cancer
 
-.PHONY: help install demo test test-all parity bench-nano bench-mitra lint clean
+.PHONY: help install demo test test-all parity bench-nano bench-mitra bench-text lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ test-all: $(STAMP)  ## the test suite including slow tests
 	.venv-parity-ag/bin/python -m pip install -q 'autogluon.tabular[mitra]==1.6.3'
 	touch $@
 
-parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitra/OrionMSP/OrionBix vs the reference code on random weights (not in CI)
+parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitra, Orions, ContextTab and text encoder vs the reference code on random weights (not in CI)
 	rm -rf runs/parity
 	.venv-parity-ag/bin/python tests/parity/ref_mitra.py runs/parity
 	for ref in tests/parity/ref_orion_*.py; do .venv-parity/bin/python $$ref runs/parity || exit 1; done
@@ -51,6 +51,9 @@ parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitr
 
 bench-nano: $(STAMP)  ## nano (inference, base-ft, peft) vs LogisticRegression and HistGradientBoosting
 	.venv/bin/tabtune leaderboard
+
+bench-text: $(STAMP)  ## womens_reviews: ContextTab with and without its text columns, nano with text features or without
+	$(PY) benchmarks/text_columns.py
 
 bench-mitra: $(STAMP)  ## Mitra's prediction memory and time at 1k, 10k, 100k query rows (random weights; --size official too)
 	$(PY) benchmarks/mitra_memory.py

@@ -114,6 +114,10 @@ class DatasetConfig:
     drop_columns: List[str] = field(default_factory=list)
     # subsample the table before splitting (null: every row); used by smoke runs
     max_rows: Optional[int] = None
+    # free-text columns (null: detected, see data.preprocess.is_text; []: none). ContextTab reads them as
+    # text; the other models get text_features numeric features per column from their embeddings (0: dropped)
+    text_columns: Optional[List[str]] = None
+    text_features: int = 8
 
 
 def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import rundir
 from .config import (LoraSettings, StrategyConfig, StrategyName, check_strategy, from_dict, to_dict)
 from .data.dataset import infer_task
-from .data.preprocess import LabelEncoder, Preprocessor
+from .data.preprocess import LabelEncoder
 from .data.split import split_frame
 from .errors import TabTuneError
 from .evaluation.metrics import compute_metrics
@@ -55,7 +55,8 @@ class TabularPipeline:
 
     def __init__(self, model_name: str = "tabicl", task_type: str = "auto", tuning_strategy: str = "inference",
                  tuning_params: dict | None = None, model_params: dict | None = None,
-                 peft_config: dict | None = None, device: str = "auto", seed: int = 0):
+                 peft_config: dict | None = None, device: str = "auto", seed: int = 0,
+                 text_columns: list | None = None, text_features: int = 8):
         self.model_name = model_name
         self.task_type = task_type
         self.tuning_strategy = tuning_strategy
@@ -64,6 +65,8 @@ class TabularPipeline:
         self.peft_config = peft_config
         self.device = device
         self.seed = seed
+        self.text_columns = text_columns
+        self.text_features = text_features
 
     # ---- configuration ---------------------------------------------------------------------
     def _configs(self):
@@ -95,7 +98,7 @@ class TabularPipeline:
         device = resolve_device(self.device)
         torch.manual_seed(self.seed)
 
-        self.preprocessor_ = Preprocessor(one_hot_max_levels=adapter.one_hot_max_levels(model_config)).fit(X)
+        self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features).fit(X, y)
         X_train = self.preprocessor_.transform(X)
         if kind == "classification":
             self.label_encoder_ = LabelEncoder().fit(y)
@@ -252,6 +255,7 @@ class TabularPipeline:
             "tuning_strategy": strategy.value, "tuning_params": to_dict(self.strategy_),
             "model_params": to_dict(self.model_config_), "peft_config": to_dict(self.lora_settings_),
             "device": self.device, "seed": self.seed, "architecture": self.architecture_,
+            "text_columns": self.text_columns, "text_features": self.text_features,
             "classes": None if self.label_encoder_ is None else list(self.label_encoder_.classes),
             "target_scale": getattr(self, "target_scale_", None),
             "base_weights": "model.safetensors" if weights is not None else "checkpoint",
@@ -270,7 +274,8 @@ class TabularPipeline:
         meta = json.loads(meta_path.read_text())
         tuning = {k: v for k, v in meta["tuning_params"].items() if k != "name"}
         self = cls(meta["model_name"], meta["task"]["kind"], meta["tuning_strategy"], tuning, meta["model_params"],
-                   meta["peft_config"], device or meta["device"], meta["seed"])
+                   meta["peft_config"], device or meta["device"], meta["seed"], meta.get("text_columns"),
+                   meta.get("text_features", 8))
         adapter, strategy, model_config, lora_settings = self._configs()
         task = Task(meta["task"]["kind"], meta["task"]["n_classes"])
         self.device_ = resolve_device(self.device)
@@ -289,7 +294,8 @@ class TabularPipeline:
         module.eval()
         self.adapter_, self.task_, self.module_, self.architecture_ = adapter, task, module, meta["architecture"]
         self.strategy_, self.model_config_, self.lora_settings_ = strategy, model_config, lora_settings
-        self.preprocessor_ = Preprocessor.from_json(json.loads((path / "preprocessor.json").read_text()))
+        self.preprocessor_ = adapter.preprocessor_from_json(json.loads((path / "preprocessor.json").read_text()),
+                                                            model_config)
         context = load_file(path / "context.safetensors")
         self.context_X_, self.context_y_ = context["X"].numpy(), context["y"].numpy()
         self.label_encoder_ = LabelEncoder(meta["classes"]) if meta["classes"] is not None else None

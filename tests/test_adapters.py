@@ -164,8 +164,10 @@ def test_base_ft_from_tiny_random_weights_learns_concrete_regression(name):
     y, X = data.pop("compressive_strength"), data
     order = np.random.default_rng(0).permutation(len(X))
     train, test = order[: int(0.8 * len(X))], order[int(0.8 * len(X)):]
+    # ContextTab's post-LN (RoBERTa-style) layers diverge at 3e-3 from random weights; 1e-3 learns (r2 0.85)
+    tuning = {**CONCRETE_TUNING, "learning_rate": 1e-3} if name == "contexttab" else CONCRETE_TUNING
     pipe = TabularPipeline(model_name=name, task_type="regression", tuning_strategy="base-ft",
-                           tuning_params=CONCRETE_TUNING,
+                           tuning_params=tuning,
                            model_params={"pretrained": False, "size": "tiny", "n_estimators": 1},
                            device="cpu", seed=SEED).fit(X.iloc[train], y.iloc[train])
     metrics = pipe.evaluate(X.iloc[test], y.iloc[test])

@@ -178,6 +178,8 @@ def bad_tables(tmp_path_factory):
     (["dataset.path={root}/ok.csv", "dataset.target=nope"], "target column 'nope' not found"),
     (["dataset.path={root}/empty.csv", "dataset.target=label"], "empty.csv: the table is empty"),
     (["dataset.path={root}/one_class.csv", "dataset.target=label"], "single class"),
+    (["dataset.path={root}/ok.csv", "dataset.target=label", "dataset.text_columns=[comment]"],
+     "dataset.text_columns names 'comment', which is not a feature column"),
     (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
     (["strategy.learnign_rate=0.1"], "'strategy.learnign_rate'"),
     (["model.checkpoint={root}/nope.ckpt"], "model.checkpoint: no such file"),

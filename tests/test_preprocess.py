@@ -294,3 +294,40 @@ def test_a_model_may_take_categories_one_hot():
     restored = Preprocessor.from_json(json.loads(json.dumps(pre.to_json())))
     np.testing.assert_array_equal(restored.transform(frame), out)
     assert spec(Preprocessor().fit(frame), "color")["kind"] == "categorical"  # the default: codes
+
+
+# ---- free text ---------------------------------------------------------------------------------------------
+
+def reviews(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["soft", "lovely", "cheap", "torn", "perfect", "itchy", "warm", "faded", "elegant", "baggy"]
+    text = [" ".join(rng.choice(words, 5)) + f" number {i}" for i in range(n)]
+    return pd.DataFrame({"review": text, "shade": rng.choice(["red", "blue"], n), "price": rng.normal(size=n)})
+
+
+def test_free_text_is_detected_and_becomes_features_fitted_on_the_training_rows_only():
+    from tabtune_cli.data.preprocess import is_text
+
+    frame = reviews()
+    assert is_text(frame["review"]) and not is_text(frame["shade"]) and not is_text(frame["price"])
+    fitted = Preprocessor(text_features=4).fit(frame.iloc[:40])
+    kinds = {s["name"]: s["kind"] for s in fitted.state["columns"]}
+    assert kinds == {"review": "text", "shade": "categorical", "price": "numeric"}
+    assert fitted.feature_names[:4] == [f"review.text{i}" for i in range(4)]
+    X = fitted.transform(frame)
+    assert X.shape == (60, 4 + 2) and np.isfinite(X).all()
+    # standardised on the training rows; nothing about the other rows shaped the features
+    np.testing.assert_allclose(X[:40, :4].std(axis=0), 1.0, atol=1e-3)
+    other = frame.copy()
+    other.loc[40:, "review"] = "something else entirely, said twice and more"
+    again = Preprocessor(text_features=4).fit(other.iloc[:40])
+    np.testing.assert_array_equal(again.transform(frame), X)
+    # the state is JSON and gives the same matrix; text_features=0 drops the column; declared names must exist
+    restored = Preprocessor.from_json(json.loads(json.dumps(fitted.to_json())))
+    np.testing.assert_array_equal(restored.transform(frame), X)
+    dropped = Preprocessor(text_features=0).fit(frame)
+    assert dropped.state["dropped"] == {"review": "text"} and dropped.transform(frame).shape == (60, 2)
+    # an empty declaration turns detection off: the all-distinct review strings then look like IDs
+    assert Preprocessor(text_columns=[]).fit(frame).state["dropped"] == {"review": "id-like"}
+    with pytest.raises(TabTuneError, match="dataset.text_columns names 'comment', which is not a column"):
+        Preprocessor(text_columns=["comment"]).fit(frame)

@@ -104,7 +104,8 @@ def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> dict
     pipeline = TabularPipeline(
         model_name=model.name, task_type=data.task, tuning_strategy=strategy.name.value,
         tuning_params={k: v for k, v in to_dict(strategy).items() if k != "name"},
-        model_params=to_dict(model), peft_config=to_dict(lora), device=values["device"], seed=values["seed"])
+        model_params=to_dict(model), peft_config=to_dict(lora), device=values["device"], seed=values["seed"],
+        text_columns=values["dataset"]["text_columns"], text_features=values["dataset"]["text_features"])
     has_val = len(X_val) > 0
     pipeline.fit(X_train, y_train, X_val if has_val else None, y_val if has_val else None,
                  on_record=lambda record: rundir.append_jsonl(run_dir / "history.jsonl", record))

@@ -67,6 +67,11 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LoadedData:
     else:
         raise TabTuneError("dataset.path is not set (give a CSV or Parquet file, or choose dataset=<built-in>)")
     frame = _checked(frame, source, target, list(cfg.drop_columns))
+    unknown = [c for c in cfg.text_columns or [] if c not in frame.columns or c == target]
+    if unknown:
+        raise TabTuneError(f"{source}: dataset.text_columns names {unknown[0]!r}, which is not a feature column")
+    if cfg.text_features < 0:
+        raise TabTuneError(f"dataset.text_features must be 0 (drop text columns) or more, got {cfg.text_features}")
     task = infer_task(frame[target]) if cfg.task.value == "auto" else cfg.task.value
     if task == "classification" and frame[target].nunique() < 2:
         raise TabTuneError(f"{source}: target column {target!r} has a single class "

@@ -9,6 +9,9 @@ Every column becomes one or more float features:
   training saw more than two and at most that many (missing and unseen values:
   all zeros);
 - datetimes: year, month, day, weekday and days since the epoch, as numeric;
+- text (free-text columns: declared, or detected by :func:`is_text`): ``text_features`` numeric
+  features per column, the leading principal components of the cells' sentence embeddings
+  (``data.text``), fitted on the training rows and standardised; ``text_features=0`` drops them;
 - constant columns and ID-like columns (all-distinct strings, or all-distinct
   integers forming a run) are dropped.
 """
@@ -21,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import TabTuneError
+from .text import apply_text_features, fit_text_features, shared_encoder
 
 CLIP = 4.0  # standardised values beyond this many deviations are clipped
 DATE_PARTS = ("year", "month", "day", "dayofweek")
@@ -57,6 +61,28 @@ def _date_features(col: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(parts, index=col.index)
 
 
+TEXT_MIN_WORDS = 3      # a text column's cells average at least this many words...
+TEXT_MIN_DISTINCT = 0.5  # ...and at least this share of them are distinct
+
+
+def is_text(col: pd.Series) -> bool:
+    """True for free text: strings averaging 3+ words, at least half of them distinct (a review, a title).
+
+    Categories (few distinct values) and codes (one word) stay categorical."""
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col) or _is_datetime_like(col):
+        return False
+    values = col.dropna().astype(str)
+    if values.empty:
+        return False
+    return bool(values.str.split().str.len().mean() >= TEXT_MIN_WORDS
+                and values.nunique() >= TEXT_MIN_DISTINCT * len(values))
+
+
+def text_cells(col: pd.Series) -> list[str]:
+    """The cells of a text column as strings to embed; a missing cell is the empty string."""
+    return ["" if pd.isna(v) else str(v) for v in col]
+
+
 def _json_value(v):
     """A label or category as a JSON-safe Python value."""
     if isinstance(v, (np.integer,)):
@@ -73,18 +99,32 @@ def _json_value(v):
 class Preprocessor:
     """Fit on the training features, then map any table with the same columns to float32 arrays."""
 
-    def __init__(self, state: dict | None = None, one_hot_max_levels: int = 0):
+    def __init__(self, state: dict | None = None, one_hot_max_levels: int = 0, text_columns: list | None = None,
+                 text_features: int = 8):
         self.state, self.one_hot_max_levels = state, one_hot_max_levels
+        self.text_columns, self.text_features = text_columns, text_features
 
     # ---- fitting -------------------------------------------------------------------------
-    def fit(self, frame: pd.DataFrame) -> "Preprocessor":
+    def fit(self, frame: pd.DataFrame, y: pd.Series | None = None) -> "Preprocessor":
+        """Fit on the training features (``y`` is accepted for the scikit-learn convention and not read)."""
         columns, dropped = [], {}
         n = len(frame)
+        text = declared_text_columns(frame, self.text_columns)
         for name in frame.columns:
             col = frame[name]
             non_null = col.dropna()
             if non_null.nunique() <= 1:
                 dropped[str(name)] = "constant"
+                continue
+            if name in text or (self.text_columns is None and is_text(col)):
+                if self.text_features < 1:
+                    dropped[str(name)] = "text"
+                    continue
+                embeddings = shared_encoder().encode(text_cells(col))
+                features = fit_text_features(embeddings, self.text_features)
+                std = self._project(features, embeddings).std(axis=0)
+                columns.append({"name": name, "kind": "text", "features": features,
+                                "std": [float(s) if s > 0 else 1.0 for s in std]})
                 continue
             if _is_datetime_like(col):
                 feats = _date_features(col)
@@ -111,6 +151,10 @@ class Preprocessor:
                                f"({', '.join(f'{k}: {v}' for k, v in dropped.items())})")
         self.state = {"columns": columns, "dropped": dropped, "input_columns": [str(c) for c in frame.columns]}
         return self
+
+    @staticmethod
+    def _project(features: dict, embeddings: np.ndarray) -> np.ndarray:
+        return apply_text_features(features, embeddings).astype("float64")
 
     @staticmethod
     def _is_id_like(col: pd.Series, numeric: bool, n: int) -> bool:
@@ -154,6 +198,9 @@ class Preprocessor:
             if spec["kind"] == "one-hot":
                 names.extend(f"{spec['name']}={c}" for c in spec["categories"])
                 continue
+            if spec["kind"] == "text":
+                names.extend(f"{spec['name']}.text{i}" for i in range(len(spec["std"])))
+                continue
             for st in spec["stats"]:
                 base = str(spec["name"]) if spec["kind"] == "numeric" else f"{spec['name']}.{st['part']}"
                 names.append(base)
@@ -183,6 +230,10 @@ class Preprocessor:
                 codes = self._category_codes(col, spec["categories"]).to_numpy()
                 blocks.append((codes[:, None] == np.arange(len(spec["categories"]))).astype("float64"))
                 continue
+            if spec["kind"] == "text":
+                projected = self._project(spec["features"], shared_encoder().encode(text_cells(col)))
+                blocks.append(np.clip(projected / np.asarray(spec["std"]), -CLIP, CLIP))
+                continue
             if spec["kind"] == "datetime":
                 parts = _date_features(col)
             else:
@@ -209,6 +260,14 @@ class Preprocessor:
     @classmethod
     def from_json(cls, state: dict) -> "Preprocessor":
         return cls(state)
+
+
+def declared_text_columns(frame: pd.DataFrame, declared: list | None) -> set:
+    """``dataset.text_columns`` checked against the table: a name it lacks is an error naming it."""
+    absent = [c for c in declared or [] if c not in frame.columns]
+    if absent:
+        raise TabTuneError(f"dataset.text_columns names {absent[0]!r}, which is not a column of the table")
+    return set(declared or [])
 
 
 class LabelEncoder:

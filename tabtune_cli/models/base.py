@@ -16,6 +16,7 @@ from scipy.special import softmax
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..data.preprocess import Preprocessor
 from ..errors import TabTuneError
 
 
@@ -81,6 +82,18 @@ class ModelAdapter:
                 task: Task, config: ModelConfig, device: torch.device) -> np.ndarray:
         """Class probabilities (n_query, n_classes), or point predictions (n_query,) for regression."""
         raise NotImplementedError
+
+    # -- tables ------------------------------------------------------------------------------
+    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8):
+        """A fresh preprocessor for this model's tables (default: the shared one); ``fit(X, y)`` then ``transform``.
+
+        ``text_columns`` (None: detected) and ``text_features`` say how free-text columns are read."""
+        return Preprocessor(one_hot_max_levels=self.one_hot_max_levels(config), text_columns=text_columns,
+                            text_features=text_features)
+
+    def preprocessor_from_json(self, state: dict, config: ModelConfig):
+        """The fitted preprocessor a saved pipeline wrote with ``to_json``."""
+        return Preprocessor.from_json(state)
 
     # -- context -----------------------------------------------------------------------------
     def one_hot_max_levels(self, config: ModelConfig) -> int:

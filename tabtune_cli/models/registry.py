@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import TabTuneError
 from .base import ModelAdapter
+from .contexttab import ContextTabAdapter
 from .mitra import MitraAdapter
 from .nano import NanoAdapter
 from .orion_bix import OrionBixAdapter
@@ -13,8 +14,8 @@ from .tabdpt import TabDPTAdapter
 from .tabpfn import TabPFNAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.name: cls for cls in (MitraAdapter, NanoAdapter, OrionBixAdapter, OrionMSPAdapter, TabDPTAdapter,
-                              TabICLAdapter, TabPFNAdapter)}
+    cls.name: cls for cls in (ContextTabAdapter, MitraAdapter, NanoAdapter, OrionBixAdapter, OrionMSPAdapter,
+                              TabDPTAdapter, TabICLAdapter, TabPFNAdapter)}
 
 
 def get_adapter(name: str) -> ModelAdapter:

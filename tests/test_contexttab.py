@@ -1,0 +1,389 @@
+"""ContextTab's network: the official keys, one-layer and full checkpoints, query isolation, live LoRA adapters.
+
+Everything runs a 3-layer, 32-wide random module on a table of 12 context and 5 query rows. Equality with
+the reference implementation itself is ``tests/parity/test_contexttab_parity.py`` (``make parity``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import numpy as np
+import pandas as pd
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from tabtune_cli.errors import TabTuneError
+from tabtune_cli.models.contexttab import (
+    ConTextTab,
+    load_contexttab,
+    load_contexttab_state,
+)
+
+N_LAYERS, HIDDEN, HEADS = 3, 32, 2
+N_CONTEXT, N_QUERY = 12, 5
+KINDS = "tndn"  # feature columns: text, number, date, number
+
+
+def random_module(n_layers: int = N_LAYERS, seed: int = 0) -> ConTextTab:
+    torch.manual_seed(seed)
+    module = ConTextTab(n_layers, HIDDEN, n_heads=HEADS)
+    # torch's default initialisation keeps the parts of a token comparable (a larger scale lets the
+    # 384-wide remappings drown the number and the label); noise on the norms, which start at ones and zeros
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return module.eval()
+
+
+def table(seed: int = 1, n_context: int = N_CONTEXT, n_query: int = N_QUERY) -> dict:
+    """The forward's keyword inputs for a table of KINDS columns; class labels 0..2 and a regression target."""
+    g = torch.Generator().manual_seed(seed)
+    rows, n_features = n_context + n_query, len(KINDS)
+    text = torch.zeros(rows, n_features, 384)
+    numbers, has_number = torch.zeros(rows, n_features), torch.zeros(rows, n_features, dtype=torch.bool)
+    dates = torch.zeros(rows, n_features, 4, dtype=torch.long)
+    for c, kind in enumerate(KINDS):
+        if kind == "t":
+            text[:, c] = torch.randn(rows, 384, generator=g)
+        elif kind == "n":
+            numbers[:, c], has_number[:, c] = torch.randn(rows, generator=g), True
+        else:
+            for part, high in enumerate((52, 13, 32, 8)):
+                dates[:, c, part] = torch.randint(1, high, (rows,), generator=g)
+    return dict(column_names=torch.randn(n_features + 1, 384, generator=g), text=text, numbers=numbers,
+                has_number=has_number, dates=dates, y_context=torch.arange(n_context) % 3,
+                y_regression=torch.randn(n_context, generator=g))
+
+
+def run(module, inputs: dict, regression: bool = False) -> torch.Tensor:
+    args = {k: v for k, v in inputs.items() if k != "y_regression"}
+    if regression:
+        args["y_context"] = inputs["y_regression"]
+    with torch.no_grad():
+        return module(**args, regression=regression)
+
+
+def rows(inputs: dict, keep: torch.Tensor) -> dict:
+    """The same table restricted to the rows ``keep`` (context rows must come first and all stay)."""
+    return {k: (v[keep] if k in ("text", "numbers", "has_number", "dates") else v) for k, v in inputs.items()}
+
+
+def test_the_state_dict_has_the_official_keys_and_shapes():
+    module = ConTextTab(2, 64)  # one 64-wide head, as the reference's hidden // 64
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    sub = {"attention.self_attention.query": (64, 64), "attention.self_attention.key": (64, 64),
+           "attention.self_attention.value": (64, 64), "attention.output.dense": (64, 64),
+           "attention.output.LayerNorm": None, "intermediate.dense": (256, 64), "output.dense": (64, 256),
+           "output.LayerNorm": None}
+    expected = {"dense_classif.weight": (64, 64), "dense_classif.bias": (64,),
+                "output_head_classif.weight": (64, 64), "output_head_classif.bias": (64,),
+                "dense_reg.weight": (64, 64), "dense_reg.bias": (64,),
+                "output_head_reg.weight": (1, 64), "output_head_reg.bias": (1,),
+                "embeddings.number_embeddings.weight": (64, 1), "embeddings.number_embeddings.bias": (64,),
+                "embeddings.target_embedding_layer_reg.weight": (64, 1),
+                "embeddings.target_embedding_layer_reg.bias": (64,),
+                "embeddings.target_embedding_layer_classif.weight": (64, 64),
+                "embeddings.date_embeddings.year_embeddings.weight": (52, 64),
+                "embeddings.date_embeddings.month_embeddings.weight": (13, 64),
+                "embeddings.date_embeddings.day_embeddings.weight": (32, 64),
+                "embeddings.date_embeddings.weekday_embeddings.weight": (8, 64),
+                "embeddings.column_remapping.weight": (64, 384), "embeddings.column_remapping.bias": (64,),
+                "embeddings.content_remapping.weight": (64, 384), "embeddings.content_remapping.bias": (64,),
+                "embeddings.layer_norm.weight": (64,), "embeddings.layer_norm.bias": (64,)}
+    for i in range(2):
+        for layer in ("cross_column_layer", "cross_row_layer"):
+            for name, weight in sub.items():
+                prefix = f"in_context_encoder.{i}.{layer}.{name}"
+                expected[f"{prefix}.weight"] = weight or (64,)
+                expected[f"{prefix}.bias"] = (weight[0],) if weight else (64,)
+    assert shapes == expected
+    assert ConTextTab.from_size("base").n_heads == 12
+
+
+def test_the_row_mask_lets_every_row_see_the_context_and_itself_only():
+    mask = ConTextTab.row_attention_mask(5, 2)
+    expected = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 0, 1]])
+    assert torch.equal(mask, expected.bool())
+
+
+@pytest.mark.parametrize("layer_in_file", [0, N_LAYERS - 1])
+def test_a_one_layer_official_file_gives_its_layer_to_every_layer(tmp_path, layer_in_file):
+    source = random_module()
+    prefix = f"in_context_encoder.{layer_in_file}."
+    one_layer = {k: v for k, v in source.state_dict().items()
+                 if not k.startswith("in_context_encoder.") or k.startswith(prefix)}
+    path = tmp_path / "base.pt"
+    torch.save({f"module.{k}": v for k, v in one_layer.items()}, path)  # a module. prefix, as some files have
+
+    state, n_in_file = load_contexttab_state(path)
+    assert n_in_file == 1 and set(state) == set(one_layer)
+    loaded = load_contexttab(random_module(seed=5), path)
+    for i in range(N_LAYERS):
+        for key, tensor in one_layer.items():
+            if key.startswith(prefix):
+                assert torch.equal(loaded.state_dict()[key.replace(prefix, f"in_context_encoder.{i}.")], tensor)
+    # a module built by hand from the same weights: the file's layer three times, the rest as in the file
+    by_hand = random_module(seed=7)
+    by_hand.load_state_dict({**{k: v for k, v in one_layer.items() if not k.startswith(prefix)},
+                             **{k.replace(prefix, f"in_context_encoder.{i}."): v for k, v in one_layer.items()
+                                if k.startswith(prefix) for i in range(N_LAYERS)}})
+    inputs = table()
+    for regression in (False, True):
+        assert torch.equal(run(loaded, inputs, regression), run(by_hand, inputs, regression))
+    # the layers are copies, not one shared tensor: tuning one leaves the others
+    with torch.no_grad():
+        loaded.in_context_encoder[0].cross_row_layer.output.dense.weight.add_(1.0)
+    assert not torch.equal(loaded.in_context_encoder[0].cross_row_layer.output.dense.weight,
+                           loaded.in_context_encoder[1].cross_row_layer.output.dense.weight)
+
+
+def test_a_file_with_every_layer_loads_strictly_as_it_is(tmp_path):
+    source = random_module()
+    torch.save(source.state_dict(), tmp_path / "full.pt")
+    state, n_in_file = load_contexttab_state(tmp_path / "full.pt", N_LAYERS)
+    assert n_in_file == N_LAYERS and state.keys() == source.state_dict().keys()
+    loaded = load_contexttab(random_module(seed=3), tmp_path / "full.pt")
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    inputs = table()
+    assert torch.equal(run(loaded, inputs), run(source, inputs))
+
+
+def test_a_mismatched_file_is_refused_naming_the_key(tmp_path):
+    state = random_module().state_dict()
+    key = "in_context_encoder.1.cross_row_layer.attention.self_attention.query.weight"
+    torch.save({(k.replace("query", "q") if k == key else k): v for k, v in state.items()}, tmp_path / "renamed.pt")
+    with pytest.raises(TabTuneError, match=rf"renamed\.pt: weights do not match its config \(missing key '{key}'"):
+        load_contexttab(random_module(), tmp_path / "renamed.pt")
+    # two of three layers is neither one shared layer nor a full file
+    torch.save({k: v for k, v in state.items() if not k.startswith("in_context_encoder.2.")}, tmp_path / "two.pt")
+    with pytest.raises(TabTuneError, match=r"missing key 'in_context_encoder\.2\."):
+        load_contexttab(random_module(), tmp_path / "two.pt")
+    torch.save({**state, "output_head_reg.weight": torch.zeros(64, HIDDEN)}, tmp_path / "binned.pt")
+    with pytest.raises(TabTuneError, match="reg-as-classif"):
+        load_contexttab(random_module(), tmp_path / "binned.pt")
+    with pytest.raises(TabTuneError, match="no such file"):
+        load_contexttab_state(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(TabTuneError, match="not a ContextTab checkpoint"):
+        load_contexttab_state(tmp_path / "junk.pt")
+
+
+def test_a_query_rows_output_does_not_depend_on_the_other_query_rows():
+    module, inputs = random_module(), table()
+    for regression in (False, True):
+        full = run(module, inputs, regression)
+        # query row 0 alone with the context
+        alone = run(module, rows(inputs, torch.arange(N_CONTEXT + 1)), regression)
+        torch.testing.assert_close(alone, full[:1], atol=1e-6, rtol=0)
+        # the other queries changed in every input
+        changed = {k: v.clone() for k, v in inputs.items()}
+        changed["text"][N_CONTEXT + 1:] = torch.randn_like(changed["text"][N_CONTEXT + 1:])
+        changed["numbers"][N_CONTEXT + 1:] += 5.0
+        changed["dates"][N_CONTEXT + 1:] = (changed["dates"][N_CONTEXT + 1:] + 1) % 8
+        other = run(module, changed, regression)
+        torch.testing.assert_close(other[0], full[0], atol=1e-6, rtol=0)
+        assert (other[1:] - full[1:]).abs().max() > 1e-3  # while the changed rows' own outputs move
+        # a context row's features reach the queries
+        context_changed = {k: v.clone() for k, v in inputs.items()}
+        context_changed["numbers"][0] += 5.0
+        assert (run(module, context_changed, regression) - full).abs().max() > 1e-3
+
+
+def test_the_output_reads_the_context_labels():
+    module, inputs = random_module(), table()
+    logits = run(module, inputs)
+    relabelled = {**inputs, "y_context": (inputs["y_context"] + 1) % 3}
+    assert (run(module, relabelled) - logits).abs().max() > 1e-3
+    values = run(module, inputs, regression=True)
+    assert (run(module, {**inputs, "y_regression": -inputs["y_regression"]}, regression=True) - values).abs().max() > 1e-3
+    # n_classes keeps the first logits; a number where has_number is False is not read
+    assert torch.equal(run(module, {**inputs, "n_classes": 3}), logits[:, :3])
+    ignored = {k: v.clone() for k, v in inputs.items()}
+    ignored["numbers"][:, 0] = 123.0  # column 0 is text
+    assert torch.equal(run(module, ignored), logits)
+    with pytest.raises(TabTuneError, match=r"class ids must lie in 0\.\.62"):
+        run(module, {**inputs, "y_context": inputs["y_context"] + 61})
+
+
+def test_slicing_rows_and_columns_into_chunks_changes_nothing():
+    module, inputs = random_module(), table()
+    whole = run(module, inputs)
+    module.max_tokens_per_chunk = 12  # 2 rows of 5 tokens at a time across columns, 1 column at a time across rows
+    torch.testing.assert_close(run(module, inputs), whole, atol=1e-6, rtol=0)
+
+
+def test_peft_lora_on_every_projection_is_live_and_merges_exactly():
+    module, inputs = random_module(), table()
+    names = [n for n, m in module.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
+    assert len(names) == 12 * N_LAYERS + 4 + 5 + 4  # encoder, linear + embedding tables of the embeddings, heads
+    wrapped = get_peft_model(module, LoraConfig(r=2, lora_alpha=2, target_modules=names))
+    wrapped.eval()
+    lora_b = {n: p for n, p in wrapped.named_parameters() if "lora_B" in n or "lora_embedding_B" in n}
+    assert len(lora_b) == len(names)
+    with torch.no_grad():  # peft starts one factor at zero; give every A a value, every B zero
+        for n, p in wrapped.named_parameters():
+            if "lora_A" in n or "lora_embedding_A" in n:
+                p.normal_(0.0, 0.3)
+            elif n in lora_b:
+                p.zero_()
+    base = run(wrapped, inputs), run(wrapped, inputs, regression=True)
+    dead = []
+    for name, p in lora_b.items():
+        with torch.no_grad():
+            p.normal_(0.0, 0.3)
+            moved = max((run(wrapped, inputs) - base[0]).abs().max(),
+                        (run(wrapped, inputs, regression=True) - base[1]).abs().max())
+            p.zero_()
+        if moved < 1e-4:
+            dead.append(name)
+    assert not dead, dead
+
+    with torch.no_grad():
+        for p in lora_b.values():
+            p.normal_(0.0, 0.3)
+    with_adapters = run(wrapped, inputs), run(wrapped, inputs, regression=True)
+    merged = wrapped.merge_and_unload()
+    assert type(merged) is ConTextTab
+    for ours, theirs in zip((run(merged, inputs), run(merged, inputs, regression=True)), with_adapters):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_training_mode_reaches_every_parameter_through_activation_checkpointing():
+    module, inputs = random_module(n_layers=2), table()
+    module.train()
+    args = {k: v for k, v in inputs.items() if k != "y_regression"}
+    loss = module(**args).logsumexp(-1).sum() + module(**{**args, "y_context": inputs["y_regression"]},
+                                                       regression=True).sum()
+    loss.backward()
+    no_grad = [n for n, p in module.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not no_grad, no_grad
+
+
+# -- the adapter: tables with text, dates and names, through the pipeline ---------------------------------
+
+def text_table(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    moods = np.array(["I love this dress, it fits perfectly", "terrible fabric, returned it at once",
+                      "nice colour but runs small", "great value for the price"])
+    pick = rng.integers(0, 4, n)
+    frame = pd.DataFrame({"review": moods[pick], "price": rng.normal(50, 10, n).round(2),
+                          "ordered": pd.date_range("2021-01-01", periods=n, freq="3D"),
+                          "size": rng.choice(["S", "M", "L"], n)})
+    frame.loc[3, "price"] = np.nan
+    frame.loc[5, "review"] = None
+    label = pd.Series(np.where(np.isin(pick, [0, 3]), "happy", "unhappy"), name="mood")
+    return frame, label
+
+
+def test_the_table_keeps_numbers_dates_and_text_and_round_trips_through_json():
+    import json
+
+    from tabtune_cli.models.contexttab import MISSING_TEXT, ContextTabTable
+
+    frame, label = text_table()
+    table = ContextTabTable().fit(frame.iloc[:100], label.iloc[:100])
+    X = table.transform(frame.iloc[:100])
+    assert [c["kind"] for c in table.state["columns"]] == ["text", "number", "date", "text"]
+    assert table.column_names == ["review", "price", "ordered", "size", "mood"]
+    assert X.shape == (100, 1 + 1 + 4 + 1)
+    vocabulary = table.state["vocabulary"]
+    assert vocabulary[int(X[0, 0])] == frame.loc[0, "review"] and vocabulary[int(X[5, 0])] == MISSING_TEXT
+    assert np.isnan(X[3, 1]) and X[0, 1] == np.float32(frame.loc[0, "price"])
+    # 2021-01-01 was a Friday: year 2021 -> 22, month 1, day 1, weekday 4 + 1
+    np.testing.assert_array_equal(X[0, 2:6], [22, 1, 1, 5])
+    # an unseen string joins the vocabulary; a reloaded table reads the same matrix
+    unseen = frame.iloc[100:].assign(size="XXL")
+    again = ContextTabTable.from_json(json.loads(json.dumps(table.to_json())))
+    np.testing.assert_array_equal(again.transform(frame.iloc[:100]), X)
+    assert again.state["vocabulary"][int(again.transform(unseen)[0, -1])] == "XXL"
+
+
+def tiny_pipeline(strategy="inference", **tuning):
+    from tabtune_cli import TabularPipeline
+
+    params = {"epochs": 2, "context_size": 48, "query_size": 16, "batch_size": 2, "learning_rate": 1e-3,
+              "show_progress": False, **tuning} if strategy != "inference" else {"show_progress": False}
+    return TabularPipeline(model_name="contexttab", tuning_strategy=strategy, tuning_params=params,
+                           model_params={"pretrained": False, "size": "tiny"}, device="cpu", seed=0)
+
+
+def test_text_cells_and_column_names_reach_the_model_and_each_string_is_embedded_once():
+    from tabtune_cli.models.contexttab import shared_encoder
+
+    frame, label = text_table()
+    torch.manual_seed(0)
+    pipe = tiny_pipeline().fit(frame.iloc[:100], label.iloc[:100])
+    proba = pipe.predict_proba(frame.iloc[100:])
+    encoder = shared_encoder(None, False)
+    computed = encoder.n_computed
+    np.testing.assert_array_equal(pipe.predict_proba(frame.iloc[100:]), proba)
+    assert encoder.n_computed == computed  # every cell and name came from the cache
+    # the same weights read a renamed column, or other words in the text cells, differently
+    renamed = frame.rename(columns={"review": "comment"})
+    torch.manual_seed(0)
+    other_name = tiny_pipeline().fit(renamed.iloc[:100], label.iloc[:100]).predict_proba(renamed.iloc[100:])
+    # other words (not other case: the encoder is uncased), the same pattern of which row says what
+    reworded = frame.assign(review=frame["review"].map(lambda t: f"the customer wrote: {t[::-1]}" if isinstance(t, str) else t))
+    torch.manual_seed(0)
+    other_text = tiny_pipeline().fit(reworded.iloc[:100], label.iloc[:100]).predict_proba(reworded.iloc[100:])
+    assert np.abs(other_name - proba).max() > 1e-5 and np.abs(other_text - proba).max() > 1e-5
+
+
+def test_every_lora_adapter_is_live_on_a_table_with_text_dates_and_numbers():
+    from tabtune_cli.config import LoraSettings
+    from tabtune_cli.models.contexttab import ContextTabAdapter, ContextTabConfig
+    from tabtune_cli.models.base import Task
+    from tabtune_cli.tuning import lora
+
+    frame, label = text_table()
+    adapter = ContextTabAdapter()
+    X = adapter.preprocessor(ContextTabConfig()).fit_transform(frame, label)
+    torch.manual_seed(0)
+    module, _ = adapter.build(ContextTabConfig(pretrained=False), Task("classification", 2))
+    wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
+    names = {n for n, _ in wrapped.named_modules() if n.endswith("lora_A") or n.endswith("lora_embedding_A")}
+    for part in ("content_remapping", "number_embeddings", "date_embeddings.year_embeddings", "column_remapping",
+                 "target_embedding_layer_classif", "dense_classif", "output_head_classif", "in_context_encoder.1"):
+        assert any(part in n for n in names), part
+    assert not any("_reg" in n for n in names)  # the regression head and label layer never run here
+    y = torch.as_tensor((label == "happy").to_numpy().astype(np.int64))
+    Xt = torch.as_tensor(X)
+    Xc, yc, Xq = Xt[None, :80], y[None, :80], Xt[None, 80:]
+    base = adapter.episode_logits(wrapped, Xc, yc, Xq, Task("classification", 2)).detach()
+    # peft starts an embedding adapter with A = 0 (a linear one with B = 0): perturb both halves of each
+    layers = {}
+    for n, p in wrapped.named_parameters():
+        if "lora_" in n:
+            layers.setdefault(n.split(".lora_")[0], []).append(p)
+    dead = []
+    for name, params in layers.items():
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0.0, 0.5)
+        if (adapter.episode_logits(wrapped, Xc, yc, Xq, Task("classification", 2)) - base).abs().max() < 1e-6:
+            dead.append(name)
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+    assert dead == []
+
+
+def test_a_saved_contexttab_pipeline_predicts_the_same_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    frame, label = text_table()
+    pipe = tiny_pipeline("peft").fit(frame.iloc[:100], label.iloc[:100])
+    proba = pipe.predict_proba(frame.iloc[100:])
+    pipe.save(tmp_path / "run")
+    frame.iloc[100:].to_parquet(tmp_path / "query.parquet")
+    code = ("import numpy as np, pandas as pd; from tabtune_cli import TabularPipeline;"
+            f"p = TabularPipeline.load({str(tmp_path / 'run')!r});"
+            f"np.save({str(tmp_path / 'out.npy')!r}, p.predict_proba(pd.read_parquet({str(tmp_path / 'query.parquet')!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), proba, atol=1e-6)

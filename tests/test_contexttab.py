@@ -387,3 +387,19 @@ def test_a_saved_contexttab_pipeline_predicts_the_same_in_a_fresh_process(tmp_pa
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), proba, atol=1e-6)
+
+
+def test_no_official_weights_offline_fails_fast_naming_file_repo_and_key(monkeypatch, tmp_path):
+    import time
+
+    from tabtune_cli.config import ModelConfig
+    from tabtune_cli.models.base import Task
+    from tabtune_cli.models.contexttab import ContextTabAdapter
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    started = time.perf_counter()
+    with pytest.raises(TabTuneError) as err:
+        ContextTabAdapter().build(ModelConfig(name="contexttab"), Task("classification", 2))
+    message = str(err.value)
+    assert "'l2/base.pt'" in message and "SAP/contexttab" in message and "model.checkpoint=" in message
+    assert time.perf_counter() - started < 5

@@ -67,6 +67,7 @@ def test_smoke_keeps_a_given_checkpoint_pretrained():
     ("model=foo", "unknown model 'foo'"),
     ("strategy=bogus", "unknown strategy 'bogus'"),
     ("strategy.epochs=0", "strategy.epochs"),
+    ("model.size=huge", "model.size: unknown size 'huge' for tabicl"),
 ])
 def test_config_errors_name_the_key_at_composition(override, expected):
     with pytest.raises(TabTuneError, match=expected.replace("(", r"\(")) as err:

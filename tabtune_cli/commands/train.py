@@ -35,9 +35,8 @@ def plain_configs(cfg: DictConfig):
     check_strategy(strategy)
     lora = from_dict(LoraSettings, values["lora"], "lora")
     dataset = from_dict(DatasetConfig, values["dataset"], "dataset")
-    if not model.pretrained and model.size not in adapter.sizes:
-        raise TabTuneError(f"model.size: unknown size {model.size!r} for {adapter.name} "
-                           f"(known: {', '.join(adapter.sizes)})")
+    if not model.pretrained:
+        adapter.random_size(model)  # an unknown size fails here, before any data is read
     if strategy.mixed_precision.value == "fp16" and strategy.name.value != "inference":
         import torch
 

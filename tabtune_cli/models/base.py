@@ -64,6 +64,13 @@ class ModelAdapter:
         """Return a module of the saved architecture (weights to be loaded by the caller)."""
         raise NotImplementedError
 
+    def random_size(self, config: ModelConfig) -> dict:
+        """The constructor arguments of the random-weight size ``model.size``; an unknown size is refused."""
+        if config.size not in self.sizes:
+            raise TabTuneError(f"model.size: unknown size {config.size!r} for {self.name} "
+                               f"(known: {', '.join(self.sizes)})")
+        return dict(self.sizes[config.size])
+
     # -- forward -----------------------------------------------------------------------------
     def episode_logits(self, module: nn.Module, X_context: Tensor, y_context: Tensor, X_query: Tensor,
                        task: Task, config: ModelConfig | None = None) -> Tensor:

@@ -586,10 +586,7 @@ class ContextTabAdapter(ModelAdapter):
     def build(self, config: ModelConfig, task: Task):
         self.encoder_config = config
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for contexttab "
-                                   f"(known: {', '.join(self.sizes)})")
-            architecture = {**self.sizes[config.size], "task": task.kind}
+            architecture = {**self.random_size(config), "task": task.kind}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)
         state, _ = load_contexttab_state(path, SIZES["base"][0])

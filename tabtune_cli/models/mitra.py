@@ -292,9 +292,7 @@ class MitraAdapter(ModelAdapter):
 
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for mitra (known: {', '.join(self.sizes)})")
-            architecture = {**self.sizes[config.size], "dim_output": self.max_classes if task.is_classification else 1,
+            architecture = {**self.random_size(config), "dim_output": self.max_classes if task.is_classification else 1,
                             "task": task.kind.upper()}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)

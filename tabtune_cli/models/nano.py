@@ -279,9 +279,7 @@ class NanoAdapter(ModelAdapter):
 
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for nano (known: {', '.join(self.sizes)})")
-            architecture = dict(self.sizes[config.size])
+            architecture = self.random_size(config)
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)
         architecture, state = read_checkpoint(path)

@@ -501,10 +501,7 @@ class OrionBixAdapter(ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for orionbix "
-                                   f"(known: {', '.join(self.sizes)})")
-            architecture = {**self.sizes[config.size], "max_classes": self.max_classes}
+            architecture = {**self.random_size(config), "max_classes": self.max_classes}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)
         architecture, state = read_container(path, self.title)

@@ -505,10 +505,7 @@ class OrionMSPAdapter(ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for orionmsp "
-                                   f"(known: {', '.join(self.sizes)})")
-            architecture = {**self.sizes[config.size], "max_classes": self.max_classes}
+            architecture = {**self.random_size(config), "max_classes": self.max_classes}
             module = self.from_architecture(architecture)
             _randomise_zero_init(module)
             return module, architecture

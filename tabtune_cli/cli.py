@@ -18,15 +18,32 @@ commands:
   ls      list models, strategies, built-in datasets and presets
   leaderboard  contenders side by side on several tables (conf/leaderboard.yaml)
   pretrain  pretrain the embedded nano model on synthetic tables (conf/pretrain.yaml; resumes)
+  cp      copy a shipped config to edit: tabtune cp train my.yaml, then tabtune train --config my.yaml
+          (group options: tabtune cp strategy/peft my_conf/strategy/mine.yaml; --config-dir my_conf strategy=mine)
+  validate  compose and check a config as train would, without running: tabtune validate my.yaml [-m] [overrides]
+  merge   fold a peft run's LoRA into its base weights, in the model's official checkpoint format:
+          tabtune merge run=<run dir> [output=<folder>] [overwrite=true]
+  export  a base-ft (or peft) run's weights in the model's official checkpoint format (as merge)
+  predict  a finished run on a new table (checked against the training columns): labels and probabilities
+          tabtune predict run=<run dir> data=<csv|parquet> [output=<file>] [id=<column>] [overwrite=true]
+  evaluate  every metric of a finished run on a labelled table, printed and written as JSON
+          tabtune evaluate run=<run dir> data=<csv|parquet> [target=<column>] [output=<file.json>]
 
 Errors print one line; set TABTUNE_DEBUG=1 for the full traceback.
 """
 
 
-def _commands():
-    from .commands import leaderboard, ls, pretrain, train
+# the Hydra commands whose `--config my.yaml` names a copied top config (tabtune cp)
+CONFIG_FILE_COMMANDS = ("train", "pretrain", "leaderboard", "validate")
 
-    return {"train": train.run, "ls": ls.run, "pretrain": pretrain.run, "leaderboard": leaderboard.run}
+
+def _commands():
+    from .commands import config_tools, leaderboard, ls, merge, predict, pretrain, train
+
+    return {"train": train.run, "ls": ls.run, "pretrain": pretrain.run, "leaderboard": leaderboard.run,
+            "merge": merge.run, "export": merge.export,
+            "predict": predict.run, "evaluate": predict.evaluate,
+            "cp": config_tools.cp, "validate": config_tools.validate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tabtune: error: unknown command {argv[0]!r} (commands: {', '.join(commands)})", file=sys.stderr)
         return 2
     try:
+        if argv[0] in CONFIG_FILE_COMMANDS:
+            from .hydra_conf import expand_config_flag
+
+            return command(expand_config_flag(argv[1:]))
         return command(argv[1:])
     except TabTuneError as exc:
         if os.environ.get("TABTUNE_DEBUG"):

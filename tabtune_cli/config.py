@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import TabTuneError
@@ -77,7 +78,8 @@ class StrategyConfig:
 class LoraSettings:
     """LoRA hyper-parameters, passed to Hugging Face ``peft.LoraConfig``."""
 
-    r: int = 8
+    # the rank, or "auto": the seeds' rule r = max(4, n_train / 50,000) rounded to a power of two
+    r: Any = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     # null: the model adapter's defaults; else module-name prefixes to reach
@@ -85,6 +87,8 @@ class LoraSettings:
     bias: str = "none"
     # extra modules trained in full and saved beside the adapters (e.g. the head)
     modules_to_save: Optional[List[str]] = None
+    # LoRA+: the B matrices learn at lr_ratio x the learning rate (null: the same rate)
+    lr_ratio: Optional[float] = None
 
 
 @dataclass
@@ -99,6 +103,9 @@ class ModelConfig:
     n_estimators: int = 4
     max_context_rows: int = 2048
     softmax_temperature: float = 0.9
+    # a peft run directory whose LoRA adapters this run starts from (peft trains them on; inference and
+    # base-ft fold them into the weights first)
+    adapters: Optional[str] = None
 
 
 @dataclass
@@ -109,7 +116,8 @@ class DatasetConfig:
     target: Optional[str] = None
     test_path: Optional[str] = None
     task: TaskKind = TaskKind.auto
-    test_size: float = 0.2
+    # share of the rows held out for testing (null: 0.2); not with test_path
+    test_size: Optional[float] = None
     val_size: float = 0.1
     drop_columns: List[str] = field(default_factory=list)
     # subsample the table before splitting (null: every row); used by smoke runs
@@ -118,6 +126,28 @@ class DatasetConfig:
     # text; the other models get text_features numeric features per column from their embeddings (0: dropped)
     text_columns: Optional[List[str]] = None
     text_features: int = 8
+
+
+def conf_dir() -> Path:
+    """The config tree: inside the installed package, or ``conf/`` at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise TabTuneError(f"the config tree is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+def group_defaults(group: str, option: str) -> dict:
+    """The values of a shipped config option (``conf/<group>/<option>.yaml``, without its defaults list),
+    so the Python API starts from exactly what the command line composes."""
+    from omegaconf import OmegaConf
+
+    path = conf_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return {}
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    values.pop("defaults", None)
+    return values
 
 
 def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:
@@ -246,3 +276,48 @@ class LeaderboardConfig:
     seed: int = 0
     contenders: Dict[str, Any] = field(default_factory=dict)
     out_dir: str = "runs/leaderboard"
+
+
+# peft.LoraConfig's bias values
+LORA_BIASES = ("none", "all", "lora_only")
+# the strategy keys that still act when nothing trains
+_INFERENCE_STRATEGY_KEYS = ("name", "show_progress")
+
+
+def check_combination(model: ModelConfig, strategy: StrategyConfig, lora: LoraSettings, given: set[str]) -> list[str]:
+    """Return a warning for each setting in ``given`` that this combination ignores; a contradiction or a
+    value peft would refuse is a one-line TabTuneError naming the keys.
+
+    ``given`` holds the dotted keys the user set explicitly (``{"strategy.epochs", "lora.r"}``): the
+    command line's overrides, or the library's ``tuning_params``/``peft_config`` keys. Values are checked
+    whoever set them; only explicit keys are warned about, since every shipped default is harmless.
+    """
+    import numbers
+
+    name = strategy.name.value if isinstance(strategy.name, Enum) else str(strategy.name)
+    if model.checkpoint is not None and not model.pretrained:
+        raise TabTuneError(f"model.checkpoint={model.checkpoint!r} and model.pretrained=false contradict: random "
+                           f"weights never read the checkpoint (drop one of them)")
+    if lora.bias not in LORA_BIASES:
+        raise TabTuneError(f"config key 'lora.bias': {lora.bias!r} is not one of: {', '.join(LORA_BIASES)}")
+    r = lora.r
+    if r != "auto" and (isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1):
+        raise TabTuneError(f"config key 'lora.r': expected a whole number >= 1 or 'auto', got {r!r}")
+    ratio = lora.lr_ratio
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 0):
+        raise TabTuneError(f"config key 'lora.lr_ratio': must be greater than 0 (or null), got {ratio!r}")
+
+    def listed(keys: list[str]) -> str:
+        return f"{keys[0]} is" if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]} are"
+
+    warnings = []
+    if name == StrategyName.inference.value:
+        idle = sorted(k for k in given if k.startswith("strategy.")
+                      and k.split(".", 1)[1] not in _INFERENCE_STRATEGY_KEYS)
+        if idle:
+            warnings.append(f"{listed(idle)} ignored by strategy=inference: no training")
+    if name != StrategyName.peft.value:
+        idle = sorted(k for k in given if k.startswith("lora."))
+        if idle:
+            warnings.append(f"{listed(idle)} ignored by strategy={name}: only strategy=peft trains LoRA adapters")
+    return warnings

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from .config import (DatasetConfig, Device, LeaderboardConfig, LoraSettings, PretrainConfig,
-                     StrategyConfig)
+                     StrategyConfig, conf_dir)
 from .errors import TabTuneError
 from .models.registry import ADAPTERS
 
@@ -26,15 +26,6 @@ class TrainSchema:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     device: Device = Device.auto
     seed: int = 0
-
-
-def conf_dir() -> Path:
-    """The config tree: inside the installed package, or ``conf/`` at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise TabTuneError(f"the config tree is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
 
 
 def register() -> None:
@@ -89,16 +80,67 @@ def one_line(exc: BaseException) -> str:
 
 
 def check_overrides(argv: list[str], config_name: str, validate=None) -> None:
-    """Compose every combination the command line asks for (and ``validate`` each), so mistakes fail
-    before any work, in one line."""
+    """Compose every combination the command line asks for (and ``validate(cfg, given)`` each, ``given``
+    being the keys that combination sets), so mistakes fail before any work, in one line."""
     register()
     if HYDRA_FLAGS & set(argv):
         return
-    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
+    config_dir, config_name, overrides = split_argv(argv, config_name)
     for combo in expand_sweeps(overrides):
-        cfg = compose_train(combo, config_name)
+        cfg = compose_train(combo, config_name, config_dir)
         if validate is not None:
-            validate(cfg)
+            validate(cfg, given_keys(combo))
+
+
+# Hydra's flags that take a value: the user's config folder and the top config's name in it
+CONFIG_FLAGS = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+
+
+def split_argv(argv: list[str], config_name: str) -> tuple[str | None, str, list[str]]:
+    """A Hydra command line as (the user's config folder or None, the top config's name, the overrides)."""
+    config_dir, overrides = None, []
+    args = iter(argv)
+    for arg in args:
+        flag, has_value, value = arg.partition("=")
+        if flag in CONFIG_FLAGS:
+            value = value if has_value else next(args, "")
+            if CONFIG_FLAGS[flag] == "dir":
+                config_dir = value
+            else:
+                config_name = value.removesuffix(".yaml")
+        elif not arg.startswith("-") and not arg.startswith("hydra."):
+            overrides.append(arg)
+    return config_dir, config_name, overrides
+
+
+def given_keys(overrides: list[str]) -> set[str]:
+    """The config keys a list of overrides sets explicitly (``lora.r=8`` gives ``lora.r``; a group choice
+    such as ``strategy=peft`` gives its group name)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("hydra.")}
+
+
+def expand_config_flag(argv: list[str]) -> list[str]:
+    """``--config FILE`` spelled as Hydra's ``--config-dir <its folder> --config-name <its name>``.
+
+    The file's folder joins the config search path (after the shipped tree, as Hydra puts it), so the
+    file's defaults list can name shipped options (``model: nano``) and ``<folder>/<group>/<name>.yaml``
+    files are options of their own (``<group>=<name>``); a name the shipped tree has is refused."""
+    out, args = [], iter(argv)
+    for arg in args:
+        flag, has_value, value = arg.partition("=")
+        if flag != "--config":
+            out.append(arg)
+            continue
+        value = value if has_value else next(args, "")
+        if not value:
+            raise TabTuneError("--config needs a file: --config my.yaml (`tabtune cp train my.yaml` writes one)")
+        path = Path(value).expanduser()
+        if path.suffix != ".yaml":
+            raise TabTuneError(f"--config {value}: a config file's name ends in .yaml (Hydra reads no other)")
+        if not path.is_file():
+            raise TabTuneError(f"--config {value}: no such file")
+        out += ["--config-dir", str(path.resolve().parent), "--config-name", path.stem]
+    return out
 
 
 def one_line_errors(job):
@@ -120,7 +162,7 @@ def one_line_errors(job):
 
 
 HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
-               "--shell-completion", "-sc", "--version"}
+               "--shell-completion", "-sc", "--version", "--config-path", "-cp", "--experimental-rerun"}
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
@@ -141,9 +183,10 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)]
 
 
-def compose_train(overrides: list[str], config_name: str = "train"):
+def compose_train(overrides: list[str], config_name: str = "train", config_dir: str | None = None):
     """Compose ``train.yaml`` (or another top config) with ``overrides``; a bad key, type or option is a
-    one-line TabTuneError."""
+    one-line TabTuneError. ``config_dir`` is the user's config folder (Hydra's ``--config-dir``), searched
+    after the shipped tree as in a run."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -151,6 +194,8 @@ def compose_train(overrides: list[str], config_name: str = "train"):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            if config_dir is not None:
+                _add_user_folder(config_dir, config_name)
             cfg = compose(config_name=config_name, overrides=overrides)
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             return cfg
@@ -160,3 +205,34 @@ def compose_train(overrides: list[str], config_name: str = "train"):
         raise TabTuneError(one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _add_user_folder(config_dir: str, config_name: str) -> None:
+    """Restart Hydra's global state with the user's config folder in the search path exactly where
+    ``hydra.main`` puts ``--config-dir``: after the shipped tree. A file there named like a shipped one
+    would be hidden by it, so that is an error rather than a silently ignored file."""
+    # the public compose API cannot add a folder that holds the primary config (hydra.searchpath is read
+    # after the primary is looked up); these are the calls hydra.main and initialize_config_dir make
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    folder = Path(config_dir).expanduser().resolve()
+    if not folder.is_dir():
+        raise TabTuneError(f"--config-dir {config_dir}: no such folder")
+    shipped = conf_dir()
+    if folder == shipped.resolve():
+        return
+    hidden = [folder / f"{config_name}.yaml"] if (shipped / f"{config_name}.yaml").is_file() else []
+    hidden += [path for group in sorted(p for p in shipped.iterdir() if p.is_dir())
+               for path in sorted((folder / group.name).glob("*.yaml")) if (group / path.name).is_file()]
+    for path in hidden:
+        if path.is_file():
+            what = path.stem if path.parent == folder else f"{path.parent.name}/{path.stem}"
+            raise TabTuneError(f"{path}: the shipped {what} has this name and would be used instead: "
+                               f"rename your copy (e.g. my_{path.name})")
+    search_path = create_config_search_path(str(shipped))
+    search_path.prepend(provider="command-line", path=f"file://{folder}", anchor=SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2(task_name="tabtune", config_search_path=search_path)

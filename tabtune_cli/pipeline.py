@@ -6,7 +6,9 @@ Follows scikit-learn's conventions: ``__init__`` only stores its arguments,
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import resource
 import shutil
 import sys
@@ -20,17 +22,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import rundir
-from .config import (LoraSettings, StrategyConfig, StrategyName, check_strategy, from_dict, to_dict)
-from .data.dataset import infer_task
+from .config import (Device, LoraSettings, StrategyConfig, StrategyName, check_combination, check_strategy, from_dict,
+                     group_defaults, to_dict)
+from .data.dataset import file_sha256, infer_task
 from .data.preprocess import LabelEncoder
+from .data.schema import check_schema
 from .data.split import split_frame
 from .errors import TabTuneError
 from .evaluation.metrics import compute_metrics
-from .models.base import Task, predict_classes
+from .models.base import Task, load_weights, predict_classes
 from .models.registry import get_adapter
 from .tuning import lora
 from .tuning.trainer import Split, train
 
+log = logging.getLogger("tabtune")
 FORMAT_VERSION = 1
 WEIGHT_FILES = {"model.safetensors", "adapter_model.safetensors", "adapter_config.json"}
 
@@ -51,11 +56,16 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class TabularPipeline:
-    """A tabular foundation model on one table: ``fit`` then ``predict`` / ``predict_proba`` / ``evaluate``."""
+    """A tabular foundation model on one table: ``fit`` then ``predict`` / ``predict_proba`` / ``evaluate``.
 
-    def __init__(self, model_name: str = "tabicl", task_type: str = "auto", tuning_strategy: str = "inference",
+    Settings start from the shipped configs the command line composes (``conf/model/<name>.yaml``,
+    ``conf/strategy/<strategy>.yaml``, ``conf/lora/default.yaml``), so both give the same run.
+    ``tuning_params`` also takes the guides' ``device``, ``peft_config`` and ``save_checkpoint_path``.
+    """
+
+    def __init__(self, model_name: str = "nano", task_type: str = "auto", tuning_strategy: str = "inference",
                  tuning_params: dict | None = None, model_params: dict | None = None,
-                 peft_config: dict | None = None, device: str = "auto", seed: int = 0,
+                 peft_config: dict | None = None, device: str | None = None, seed: int = 0,
                  text_columns: list | None = None, text_features: int = 8):
         self.model_name = model_name
         self.task_type = task_type
@@ -69,33 +79,62 @@ class TabularPipeline:
         self.text_features = text_features
 
     # ---- configuration ---------------------------------------------------------------------
-    def _configs(self):
+    def _configs(self, check: bool = True):
+        """Validated settings: ``(adapter, strategy, model config, lora settings, device, checkpoint path)``;
+        ``check`` also warns of settings that will have no effect (not for a saved pipeline's own)."""
         adapter = get_adapter(self.model_name)
-        strategy = from_dict(StrategyConfig, {**(self.tuning_params or {}), "name": self.tuning_strategy}, "tuning_params")
+        tuning = dict(self.tuning_params or {})
+        device = tuning.pop("device", None)
+        if device is not None and self.device is not None and str(device) != str(self.device):
+            raise TabTuneError(f"device given twice: device={self.device!r} and tuning_params['device']={device!r}")
+        device = device or self.device or "auto"
+        if device not in [d.value for d in Device]:
+            raise TabTuneError(f"device: {device!r} is not one of: {', '.join(d.value for d in Device)}")
+        peft = tuning.pop("peft_config", None)
+        if peft is not None and self.peft_config is not None:
+            raise TabTuneError("peft_config given twice: as peft_config= and inside tuning_params; keep one")
+        peft = dict(peft if peft is not None else self.peft_config or {})
+        save_path = tuning.pop("save_checkpoint_path", None)
+        if save_path is not None and self.tuning_strategy == StrategyName.inference.value:
+            log.warning("save_checkpoint_path is ignored by strategy inference: no training, no best weights")
+        if self.tuning_strategy not in [s.value for s in StrategyName]:
+            raise TabTuneError(f"unknown strategy {self.tuning_strategy!r} "
+                               f"(available: {', '.join(s.value for s in StrategyName)})")
+        strategy = from_dict(StrategyConfig, {**group_defaults("strategy", self.tuning_strategy), **tuning,
+                                              "name": self.tuning_strategy}, "tuning_params")
         check_strategy(strategy)
         model_params = {k: v for k, v in (self.model_params or {}).items() if k != "name"}
-        model_config = from_dict(adapter.config_class, {**model_params, "name": adapter.name}, "model_params")
-        lora_settings = from_dict(LoraSettings, self.peft_config, "peft_config")
+        model_config = from_dict(adapter.config_class, {**group_defaults("model", adapter.name), **model_params,
+                                                        "name": adapter.name}, "model_params")
+        lora_settings = from_dict(LoraSettings, {**group_defaults("lora", "default"), **peft}, "peft_config")
+        given = ({f"strategy.{k}" for k in tuning} | {f"lora.{k}" for k in peft}
+                 | {f"model.{k}" for k in model_params})
+        for warning in check_combination(model_config, strategy, lora_settings, given if check else set()):
+            log.warning(warning)
         if self.task_type not in ("auto", "classification", "regression"):
             raise TabTuneError(f"task_type: {self.task_type!r} is not one of: auto, classification, regression")
-        return adapter, strategy, model_config, lora_settings
+        return adapter, strategy, model_config, lora_settings, device, save_path
 
     # ---- fitting ---------------------------------------------------------------------------
     def fit(self, X: pd.DataFrame, y, X_val: pd.DataFrame | None = None, y_val=None, on_record=None):
-        """Fit preprocessing on ``X``, build the model and apply the strategy; ``X_val`` drives early stopping."""
-        adapter, strategy, model_config, lora_settings = self._configs()
+        """Fit preprocessing on ``X``, build the model and apply the strategy.
+
+        Validation rows (``X_val``, or a seeded 10% of ``X`` when fine-tuning without it) choose the
+        epoch; their metrics are taken with the training rows alone as context (``val_metrics_``), and
+        then they join the context, as the command line does with its validation split.
+        """
+        adapter, strategy, model_config, lora_settings, self.device_name_, save_path = self._configs()
         X, y = self._check_xy(X, y, "X")
         kind = infer_task(y) if self.task_type == "auto" else self.task_type
         trains = strategy.name != StrategyName.inference
-        held_out = trains and X_val is None
-        if held_out:
-            # hold out part of the training rows for validation and early stopping
+        if trains and X_val is None:
             joined = X.assign(__target__=y.to_numpy())
-            rest, held = split_frame(joined, "__target__", fraction=0.1, stratify=kind == "classification", seed=self.seed)
+            rest, held = split_frame(joined, "__target__", fraction=0.1, stratify=kind == "classification",
+                                     seed=self.seed)
             X, y = rest.drop(columns="__target__"), rest["__target__"].rename(y.name)
             X_val, y_val = held.drop(columns="__target__"), held["__target__"].rename(y.name)
         started = time.perf_counter()
-        device = resolve_device(self.device)
+        device = resolve_device(self.device_name_)
         torch.manual_seed(self.seed)
 
         self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features).fit(X, y)
@@ -117,32 +156,85 @@ class TabularPipeline:
             y_train = self._scale(values.to_numpy())
             task = Task("regression")
         adapter.check_task(task, strategy.name.value)
+        if lora_settings.r == "auto":
+            lora_settings.r = lora.auto_rank(len(X_train))
+            log.info("lora.r=auto: r=%d for %d training rows", lora_settings.r, len(X_train))
 
         module, self.architecture_ = adapter.build(model_config, task)
         module.to(device)
         self._base_state_ = None if model_config.pretrained else {k: v.detach().cpu().clone()
                                                                     for k, v in module.state_dict().items()}
-        if strategy.name == StrategyName.peft:
-            module = lora.wrap(adapter, module, lora_settings)
-        else:
-            module.requires_grad_(strategy.name == StrategyName.base_ft)
+        module = self._apply_strategy(adapter, module, strategy, model_config, lora_settings)
 
         self.adapter_, self.task_, self.module_, self.device_ = adapter, task, module, device
         self.strategy_, self.model_config_, self.lora_settings_ = strategy, model_config, lora_settings
         self.context_X_, self.context_y_ = X_train, y_train
-        self.train_result_ = None
-        if trains:
+        self.train_result_, self.val_metrics_ = None, {}
+        self.target_name_ = str(y.name)
+        self.provenance_ = provenance(adapter, model_config, task, X, y)
+        if X_val is not None:
             X_val, y_val = self._check_xy(X_val, y_val, "X_val")
             val = Split(self.preprocessor_.transform(X_val), self._encode_target(y_val))
-            self.train_result_ = train(adapter, module, task, Split(X_train, y_train), val, strategy, model_config,
-                                       device, self.seed, on_record=on_record)
-            if held_out:  # rows held out only to choose the epoch are the user's training rows: context again
-                self.context_X_ = np.concatenate([X_train, val.X])
-                self.context_y_ = np.concatenate([y_train, val.y])
+            if trains:
+                on_best = None if save_path is None else lambda m: self._write_best(m, save_path)
+                self.train_result_ = train(adapter, module, task, Split(X_train, y_train), val, strategy,
+                                           model_config, device, self.seed, on_record=on_record, on_best=on_best,
+                                           lr_ratio=lora_settings.lr_ratio if self.is_peft else None)
+                if save_path is not None:  # the restored best, also when no epoch beat the start
+                    self._write_best(module, save_path)
+            module.eval()
+            self.val_metrics_ = self.evaluate(X_val, y_val)
+            self.val_metrics_.pop("predict_seconds")
+            self.context_X_ = np.concatenate([X_train, val.X])
+            self.context_y_ = np.concatenate([y_train, val.y])
         module.eval()
         self.fit_seconds_ = time.perf_counter() - started
         self.rows_ = {"train": int(len(X_train)), "val": int(0 if X_val is None else len(X_val))}
         return self
+
+    @property
+    def is_peft(self) -> bool:
+        return self.strategy_.name == StrategyName.peft
+
+    def _apply_strategy(self, adapter, module, strategy, model_config, lora_settings):
+        """``module`` ready for ``strategy``: adapters from ``model.adapters`` (if set) and/or new ones."""
+        if model_config.adapters:
+            source = self._check_adapter_run(model_config.adapters, adapter)
+            module = lora.load(module, source, trainable=strategy.name == StrategyName.peft)
+            if strategy.name != StrategyName.peft:  # folded in: inference and base-ft use plain weights
+                module = lora.fold(module)[0]
+            log.info("adapters from %s", source)
+        if strategy.name == StrategyName.peft:
+            return module if model_config.adapters else lora.wrap(adapter, module, lora_settings)
+        module.requires_grad_(strategy.name == StrategyName.base_ft)
+        return module
+
+    def _check_adapter_run(self, source, adapter) -> Path:
+        """The folder of another run's adapters, checked to fit this model."""
+        path = Path(source)
+        meta_path = path / "pipeline.json"
+        if not (path / "adapter_config.json").is_file() or not meta_path.is_file():
+            raise TabTuneError(f"model.adapters: {str(path)!r} holds no saved peft run "
+                               f"(adapter_config.json and pipeline.json are needed)")
+        meta = json.loads(meta_path.read_text())
+        if meta["model_name"] != adapter.name:
+            raise TabTuneError(f"model.adapters: {str(path)!r} holds {meta['model_name']} adapters, "
+                               f"not {adapter.name}")
+        if getattr(self, "architecture_", None) is not None and meta["architecture"] != self.architecture_:
+            raise TabTuneError(f"model.adapters: {str(path)!r} was trained on another {adapter.title} "
+                               f"architecture (its base weights differ in shape)")
+        return path
+
+    def _write_best(self, module, path) -> None:
+        """``save_checkpoint_path``: the best weights so far, as safetensors whatever the file name says."""
+        if self.is_peft:
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(module)
+        else:
+            state = module.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        rundir.write_file(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "safetensors"}))
 
     @staticmethod
     def _check_xy(X, y, name):
@@ -171,6 +263,7 @@ class TabularPipeline:
 
     def _predict_raw(self, X: pd.DataFrame) -> np.ndarray:
         self._check_fitted()
+        X = check_schema(self.preprocessor_.state, X)  # by name; missing/extra/mistyped columns, unseen values
         if not isinstance(X, pd.DataFrame):
             X = pd.DataFrame(np.asarray(X), columns=self.preprocessor_.state["input_columns"])
         Xq = self.preprocessor_.transform(X)
@@ -223,22 +316,36 @@ class TabularPipeline:
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write everything ``load`` needs into the folder ``path`` (safetensors and JSON only)."""
+        """Write everything ``load`` needs: into the folder ``path``, or, when ``path`` names a file
+        (``pipeline.joblib``: any suffix), into that one file.
+
+        Either way the content is safetensors and JSON only, never pickle, whatever the file name says:
+        loading it runs no code."""
         self._check_fitted()
         path = Path(path)
+        if path.suffix and not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".save-", dir=path.parent) as folder:
+                self._save_folder(Path(folder))
+                rundir.write_file(path, lambda tmp: pack_folder(Path(folder), tmp))
+            return path
+        return self._save_folder(path)
+
+    def _save_folder(self, path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         strategy = self.strategy_.name
         staging = Path(tempfile.mkdtemp(prefix=".save-", dir=path))
         weights = None
         try:
-            if strategy == StrategyName.base_ft:
+            if strategy == StrategyName.base_ft or (self.model_config_.adapters and not self.is_peft):
                 weights = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
             elif self._base_state_ is not None:
                 weights = self._base_state_
             if weights is not None:
                 save_file(weights, staging / "model.safetensors")
-            if strategy == StrategyName.peft:
+            if self.is_peft:
                 self.module_.save_pretrained(staging)
+                (staging / "README.md").unlink(missing_ok=True)  # peft's empty card; ours is written below
             for stale in WEIGHT_FILES - {p.name for p in staging.iterdir()}:
                 (path / stale).unlink(missing_ok=True)
             save_file({"X": torch.as_tensor(self.context_X_), "y": torch.as_tensor(self.context_y_)},
@@ -252,22 +359,35 @@ class TabularPipeline:
         meta = {
             "format": FORMAT_VERSION, "model_name": self.adapter_.name, "task": {"kind": self.task_.kind,
                                                                                   "n_classes": self.task_.n_classes},
+            "target": getattr(self, "target_name_", None),
             "tuning_strategy": strategy.value, "tuning_params": to_dict(self.strategy_),
             "model_params": to_dict(self.model_config_), "peft_config": to_dict(self.lora_settings_),
-            "device": self.device, "seed": self.seed, "architecture": self.architecture_,
+            "device": self.device_name_, "seed": self.seed, "architecture": self.architecture_,
             "text_columns": self.text_columns, "text_features": self.text_features,
             "classes": None if self.label_encoder_ is None else list(self.label_encoder_.classes),
             "target_scale": getattr(self, "target_scale_", None),
             "base_weights": "model.safetensors" if weights is not None else "checkpoint",
-            "summary": self.summary(),
+            "summary": self.summary(), "val_metrics": getattr(self, "val_metrics_", {}),
+            "provenance": getattr(self, "provenance_", {}),
         }
+        if self.is_peft:
+            lora.write_card(path, meta)
         rundir.write_json(path / "pipeline.json", meta)  # last: its presence means the save is whole
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> "TabularPipeline":
-        """Rebuild a saved pipeline; its predictions equal the saved one's."""
+        """Rebuild a saved pipeline (a folder, or the one file ``save`` wrote); its predictions equal the
+        saved one's. Only safetensors and JSON are read: nothing in the files is executed."""
         path = Path(path)
+        if path.is_file():
+            with tempfile.TemporaryDirectory(prefix=".load-") as folder:
+                unpack_file(path, Path(folder))
+                return cls._load_folder(Path(folder), device)
+        return cls._load_folder(path, device)
+
+    @classmethod
+    def _load_folder(cls, path: Path, device: str | None) -> "TabularPipeline":
         meta_path = path / "pipeline.json"
         if not meta_path.is_file():
             raise TabTuneError(f"{path}: no saved pipeline here (pipeline.json is missing)")
@@ -276,14 +396,14 @@ class TabularPipeline:
         self = cls(meta["model_name"], meta["task"]["kind"], meta["tuning_strategy"], tuning, meta["model_params"],
                    meta["peft_config"], device or meta["device"], meta["seed"], meta.get("text_columns"),
                    meta.get("text_features", 8))
-        adapter, strategy, model_config, lora_settings = self._configs()
+        adapter, strategy, model_config, lora_settings, self.device_name_, _ = self._configs(check=False)
         task = Task(meta["task"]["kind"], meta["task"]["n_classes"])
-        self.device_ = resolve_device(self.device)
+        self.device_ = resolve_device(self.device_name_)
         self._base_state_ = None
         if meta["base_weights"] == "model.safetensors":
             module = adapter.from_architecture(meta["architecture"])
-            state = load_file(path / "model.safetensors")
-            module.load_state_dict(state)
+            state = read_safetensors(path / "model.safetensors")
+            load_weights(module, state, path / "model.safetensors")
             if strategy.name != StrategyName.base_ft:
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
         else:
@@ -296,13 +416,109 @@ class TabularPipeline:
         self.strategy_, self.model_config_, self.lora_settings_ = strategy, model_config, lora_settings
         self.preprocessor_ = adapter.preprocessor_from_json(json.loads((path / "preprocessor.json").read_text()),
                                                             model_config)
-        context = load_file(path / "context.safetensors")
+        context = read_safetensors(path / "context.safetensors")
         self.context_X_, self.context_y_ = context["X"].numpy(), context["y"].numpy()
         self.label_encoder_ = LabelEncoder(meta["classes"]) if meta["classes"] is not None else None
         self.classes_ = None if self.label_encoder_ is None else np.asarray(meta["classes"], dtype=object)
         if meta["target_scale"] is not None:
             self.target_scale_ = tuple(meta["target_scale"])
+        self.target_name_ = meta.get("target")
         self.train_result_ = None
+        self.val_metrics_ = meta.get("val_metrics", {})
+        self.provenance_ = meta.get("provenance", {})
         self.fit_seconds_ = meta["summary"]["fit_seconds"]
         self.rows_ = meta["summary"]["rows"]
         return self
+
+    # ---- adapters --------------------------------------------------------------------------
+    def load_adapters(self, run: str | Path, name: str) -> "TabularPipeline":
+        """Add the LoRA adapters of another peft run under ``name``, over the base already loaded (no reload)."""
+        self._check_fitted()
+        if not self.is_peft:
+            raise TabTuneError("load_adapters: this pipeline has no LoRA adapters of its own; "
+                               "load a peft run first (TabularPipeline.load), then add others to it")
+        source = self._check_adapter_run(run, self.adapter_)
+        if name in self.module_.peft_config:
+            raise TabTuneError(f"load_adapters: adapters named {name!r} are loaded already")
+        lora.add(self.module_, source, name)
+        self.module_.eval()
+        return self.use_adapters(name)
+
+    def use_adapters(self, name: str) -> "TabularPipeline":
+        """Predict with the adapters loaded under ``name`` (``"default"``: the pipeline's own)."""
+        self._check_fitted()
+        if not self.is_peft:
+            raise TabTuneError("use_adapters: this pipeline has no LoRA adapters (load_adapters adds some)")
+        known = list(self.module_.peft_config)
+        if name not in known:
+            raise TabTuneError(f"use_adapters: no adapters named {name!r} (loaded: {', '.join(known)})")
+        self.module_.set_adapter(name)
+        self.module_.requires_grad_(False)
+        return self
+
+
+def read_safetensors(path: Path) -> dict:
+    """A safetensors file's tensors; anything else (a pickle, say) is refused without being run."""
+    try:
+        return load_file(path)
+    except Exception as exc:
+        raise TabTuneError(f"{path}: not a safetensors file ({str(exc).splitlines()[0][:100]}); "
+                           f"tabtune reads weights only as safetensors and never unpickles") from None
+
+
+PACKED = "tabtune-pipeline"
+
+
+def pack_folder(folder: Path, target: Path) -> None:
+    """One safetensors file holding a saved pipeline folder: tensors under ``<file>/<key>``, JSON in the metadata."""
+    tensors, metadata = {}, {"format": PACKED, "version": str(FORMAT_VERSION)}
+    for item in sorted(folder.iterdir()):
+        if item.suffix == ".safetensors":
+            tensors.update({f"{item.name}/{k}": v for k, v in load_file(item).items()})
+        elif item.is_file():
+            metadata[f"file:{item.name}"] = item.read_text()
+    save_file(tensors, target, metadata=metadata)
+
+
+def unpack_file(path: Path, folder: Path) -> None:
+    """The folder :func:`pack_folder` packed; a file of any other kind is refused, never executed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            if metadata.get("format") != PACKED:
+                raise ValueError("no tabtune pipeline inside")
+            files: dict[str, dict] = {}
+            for key in fh.keys():
+                name, _, tensor = key.partition("/")
+                files.setdefault(name, {})[tensor] = fh.get_tensor(key)
+    except Exception as exc:
+        raise TabTuneError(f"{path}: not a pipeline saved by tabtune ({str(exc).splitlines()[0][:100]}); "
+                           f"tabtune saves safetensors + JSON whatever the extension and never unpickles") from None
+    for name, state in files.items():
+        save_file(state, folder / name)
+    for key, text in metadata.items():
+        if key.startswith("file:"):
+            name = Path(key[5:]).name  # a name only: nothing is written outside the folder
+            (folder / name).write_text(text)
+
+
+def provenance(adapter, config, task: Task, X: pd.DataFrame, y: pd.Series) -> dict:
+    """Where a fitted pipeline came from: versions, checkpoint and data fingerprints, seed-independent facts."""
+    from importlib import metadata
+
+    from . import __version__
+
+    checkpoint = adapter.checkpoint_file(config, task)
+    versions = {}
+    for package in ("torch", "peft", "transformers", "safetensors", "numpy", "pandas", "scikit-learn",
+                    "tabicl", "tabpfn", "tabdpt"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    rows = pd.util.hash_pandas_object(X.assign(__target__=y.to_numpy()), index=False).to_numpy()
+    return {"tabtune": __version__, "model": adapter.name,
+            "checkpoint": None if checkpoint is None else {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+            "data_sha256": hashlib.sha256(rows.tobytes()).hexdigest(), "packages": versions}

@@ -19,9 +19,9 @@ TINY_MODEL = {"pretrained": False, "size": "tiny", "n_estimators": 1}
 # context (validation log loss falls from ~0.75 to ~0.45 on the fixture's 20/80 table).
 TUNE_PARAMS = {
     "base-ft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 1e-3,
-                "scheduler": "constant", "show_progress": False},
+                "scheduler": "constant", "warmup_steps": 0, "show_progress": False},
     "peft": {"epochs": 5, "context_size": 64, "query_size": 32, "batch_size": 1, "learning_rate": 3e-3,
-             "scheduler": "constant", "show_progress": False},
+             "scheduler": "constant", "warmup_steps": 0, "show_progress": False},
     "inference": {"show_progress": False},
 }
 

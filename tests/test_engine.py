@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from tabicl._model.layers import MultiheadAttention
 from tabicl._model.tabicl import TabICL
 
-from tabtune_cli import TabTuneError, TabularPipeline
+from tabtune_cli import TabTuneError
+from tabtune_cli.pipeline import TabularPipeline as _TabularPipeline
 from tabtune_cli.config import LoraSettings, ModelConfig
 from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import get_adapter
@@ -26,6 +27,13 @@ from tabtune_cli.tuning import lora
 from tabtune_cli.tuning.episodes import epoch_episodes
 
 from conftest import SEED, TINY_MODEL, TUNE_PARAMS, fit_pipeline, make_table
+
+
+class TabularPipeline(_TabularPipeline):
+    """These tests exercise the engine on TabICL (the library's default model is nano)."""
+
+    def __init__(self, model_name="tabicl", *args, **kwargs):
+        super().__init__(model_name, *args, **kwargs)
 
 CPU = torch.device("cpu")
 
@@ -655,9 +663,8 @@ def test_inference_handles_more_than_ten_classes():
 
 
 @pytest.mark.parametrize("peft_config,message", [
-    ({"lora_dropout": 0.1}, "lora_dropout must be 0"),
     ({"target_modules": ["icl_predictor.nowhere"]}, "'icl_predictor.nowhere' is not a module of TabICL"),
-    ({"r": 0}, "lora.r must be at least 1"),
+    ({"r": 0}, "lora.r': expected a whole number >= 1 or 'auto', got 0"),
     ({"rank": 4}, "unknown peft_config key 'rank'"),
 ])
 def test_bad_lora_settings_are_named(split, peft_config, message):
@@ -677,13 +684,32 @@ def test_lora_target_modules_restrict_the_adapters(split):
     assert changed_keys(base_weights(pipe.module_), initial_module(pipe).state_dict()) == []
 
 
-def test_fp16_on_cpu_is_refused_before_training(split):
+def test_fp16_trains_on_cpu_with_a_loss_scaler(split, monkeypatch):
+    """fp16 autocast runs on CPU too (torch >= 2.3), with the gradient scaler fp16 needs."""
     X_train, y_train, _, _ = split
-    records = []
-    with pytest.raises(TabTuneError, match="fp16 needs a CUDA device"):
-        TabularPipeline(tuning_strategy="base-ft", tuning_params={**TUNE_PARAMS["base-ft"], "mixed_precision": "fp16"},
-                        model_params=TINY_MODEL, device="cpu").fit(X_train, y_train, on_record=records.append)
-    assert records == []
+    scalers = []
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: scalers.append(device) or real(device))
+    params = {**TUNE_PARAMS["base-ft"], "mixed_precision": "fp16", "epochs": 1}
+    pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
+    assert scalers == ["cpu"]
+    assert all(p.dtype == torch.float32 for p in pipe.module_.parameters())  # autocast, not fp16 weights
+    losses = [r["loss"] for r in pipe.train_result_.history if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_lora_dropout_reaches_the_linear_targets_of_a_packed_attention_model(split):
+    """peft cannot put dropout on packed in_proj weights; the linear targets get it, the packed ones train without."""
+    X_train, y_train, _, _ = split
+    pipe = fit_pipeline("peft", X_train, y_train, tuning_params={**TUNE_PARAMS["peft"], "epochs": 1},
+                        peft_config={"lora_dropout": 0.1})
+    layers = [m for m in pipe.module_.modules() if isinstance(m, LoraLayer)]
+    linear = [m for m in layers if not isinstance(m, ParamWrapper)]
+    packed = [m for m in layers if isinstance(m, ParamWrapper)]
+    assert linear and packed
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Dropout) and m.lora_dropout["default"].p == 0.1
+               for m in linear)
+    assert all(not isinstance(m.lora_dropout["default"], torch.nn.Dropout) for m in packed)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -733,7 +759,7 @@ def test_unseen_label_at_evaluate_is_named(fitted, split):
 
 def test_missing_feature_column_at_predict_is_named(fitted, split):
     _, _, X_test, _ = split
-    with pytest.raises(TabTuneError, match="column 'f3' is missing"):
+    with pytest.raises(TabTuneError, match="lacks 1 column\\(s\\) the model was trained with: 'f3'"):
         fitted["inference"].predict(X_test.drop(columns="f3"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class LoadedData:
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
+    source: dict  # where the rows came from, with content hashes (a run's manifest)
 
 
 def infer_task(y: pd.Series) -> str:
@@ -78,16 +80,35 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LoadedData:
                            f"({frame[target].iloc[0]!r}); classification needs at least two")
     stratify = task == "classification"
     frame = subsample(frame, target, cfg.max_rows, stratify=stratify, seed=seed)
+    if cfg.test_path and cfg.test_size is not None:
+        raise TabTuneError(f"dataset.test_size={cfg.test_size} and dataset.test_path={cfg.test_path!r} both say "
+                           f"which rows to test on: set one")
     if cfg.test_path:
         test = _checked(read_table(cfg.test_path), cfg.test_path, target, list(cfg.drop_columns))
         rest = frame
     else:
-        if not 0 < cfg.test_size < 1:
-            raise TabTuneError(f"dataset.test_size must be between 0 and 1, got {cfg.test_size}")
-        rest, test = split_frame(frame, target, fraction=cfg.test_size, stratify=stratify, seed=seed)
+        test_size = 0.2 if cfg.test_size is None else cfg.test_size
+        if not 0 < test_size < 1:
+            raise TabTuneError(f"dataset.test_size must be between 0 and 1, got {test_size}")
+        rest, test = split_frame(frame, target, fraction=test_size, stratify=stratify, seed=seed)
     if not 0 <= cfg.val_size < 1:
         raise TabTuneError(f"dataset.val_size must be in [0, 1), got {cfg.val_size}")
     train, val = split_frame(rest, target, fraction=cfg.val_size, stratify=stratify, seed=seed + 1)
     if len(train) < 2 or len(test) < 1:
         raise TabTuneError(f"{source}: too few rows to split ({len(frame)} rows)")
-    return LoadedData(name=name, target=target, task=task, train=train, val=val, test=test)
+    source = {"name": name, "path": cfg.path, "test_path": cfg.test_path, "builtin": cfg.builtin,
+              "sha256": None if cfg.path is None else file_sha256(cfg.path),
+              "test_sha256": None if cfg.test_path is None else file_sha256(cfg.test_path),
+              "rows": {"table": int(len(frame)), "train": len(train), "val": len(val), "test": len(test)}}
+    return LoadedData(name=name, target=target, task=task, train=train, val=val, test=test, source=source)
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file, or of a folder's files in name order (Mitra's checkpoint is a folder)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

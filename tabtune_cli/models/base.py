@@ -64,6 +64,18 @@ class ModelAdapter:
         """Return a module of the saved architecture (weights to be loaded by the caller)."""
         raise NotImplementedError
 
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """Write ``module``'s weights in the model's official checkpoint format into the folder ``path``
+        and return the checkpoint file written (the path ``model.checkpoint`` takes).
+
+        ``module`` is a plain module of ``architecture`` (LoRA already merged: no peft wrapper). The
+        file keeps the official name where the model has one, is written atomically (``rundir``),
+        and loads with the model's own package where there is one; torch files hold only tensors
+        and plain containers, so ``torch.load(..., weights_only=True)`` reads them. Existing files
+        of the same name are replaced: refusing to overwrite is the caller's decision.
+        """
+        raise TabTuneError(f"{self.title} has no official checkpoint format that tabtune can write")
+
     def random_size(self, config: ModelConfig) -> dict:
         """The constructor arguments of the random-weight size ``model.size``; an unknown size is refused."""
         if config.size not in self.sizes:

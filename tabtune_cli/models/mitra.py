@@ -54,10 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, class_shift_probs, load_weights, resolve_checkpoint
@@ -310,6 +311,15 @@ class MitraAdapter(ModelAdapter):
 
     def from_architecture(self, architecture: dict) -> nn.Module:
         return Tab2D(**architecture)
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """The official folder layout (AutoGluon's ``Tab2D.save_pretrained``): ``model.safetensors`` (the flat
+        state dict) and ``config.json`` beside it, each written atomically; returns the weights file."""
+        folder = Path(path)
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        weights = rundir.write_file(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
+        rundir.write_json(folder / "config.json", module.official_config())
+        return weights
 
     # -- forward -------------------------------------------------------------------------------
     @staticmethod

@@ -40,11 +40,12 @@ from typing import List
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 from scipy.optimize import minimize
 from scipy.special import softmax
 from torch import Tensor, nn
 
+from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
@@ -289,6 +290,14 @@ class NanoAdapter(ModelAdapter):
 
     def from_architecture(self, architecture: dict) -> nn.Module:
         return NanoICL(**architecture)
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """nano's own format, as the package ships it: ``nano.safetensors``, the architecture as JSON in its
+        ``architecture`` metadata; ``model.checkpoint=`` reads it."""
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        metadata = {"architecture": json.dumps(architecture)}
+        return rundir.write_file(Path(path) / shipped_checkpoint().name,
+                                 lambda tmp: save_file(state, tmp, metadata=metadata))
 
     def episode_logits(self, module, X_context, y_context, X_query, task: Task,
                        config: ModelConfig | None = None) -> Tensor:

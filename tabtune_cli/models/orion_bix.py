@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
-from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container
+from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container, write_container
 
 REPO_ID = "Lexsi/Orion-BiX"
 CHECKPOINTS = {"classification": "Orion-BiX-v1.1.ckpt"}
@@ -512,6 +513,11 @@ class OrionBixAdapter(ModelAdapter):
 
     def from_architecture(self, architecture: dict) -> nn.Module:
         return _make_attention_live(OrionBix(**architecture))
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """The TabICL-style container (``config`` + ``state_dict``) the OrionBix reference loader reads,
+        under the official file name; the state-dict keys are the official ones."""
+        return write_container(Path(path) / CHECKPOINTS[task.kind], architecture, module)
 
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,

@@ -99,6 +99,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
-from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container
+from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container, write_container
 
 REPO_ID = "Lexsi/Orion-MSP"
 CHECKPOINTS = {"classification": "Orion-MSP-v1.0.ckpt"}
@@ -527,6 +528,11 @@ class OrionMSPAdapter(ModelAdapter):
             raise TabTuneError(f"OrionMSP config: {exc}") from None
         module.isolate_queries = True  # tabtune's default (OrionMSPConfig); the calls below set the run's choice
         return module
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """The TabICL-style container (``config`` + ``state_dict``) the OrionMSP reference loader reads,
+        under the official file name; the state-dict keys are the official ones."""
+        return write_container(Path(path) / CHECKPOINTS[task.kind], architecture, module)
 
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,

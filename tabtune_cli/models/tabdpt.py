@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, class_shift_probs
@@ -216,6 +217,17 @@ class TabDPTAdapter(ModelAdapter):
             n_thinking_rows=m.get("n_thinking_rows", 0), use_flash=False)
         module.tabtune_task = architecture.get("task", "classification")
         return module
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """TabDPT's safetensors file under its official name: the state dict, and the config as JSON in the
+        ``cfg`` metadata (with the ``env.device`` its loader sets), as ``TabDPTClassifier(model_weight_path=...)``
+        and ``TabDPTModel.load`` read it. One file serves both tasks, as the official one does."""
+        from safetensors.torch import save_file
+
+        cfg = {**architecture["cfg"], "env": {"device": "cpu"}}
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        return rundir.write_file(Path(path) / CHECKPOINT,
+                                 lambda tmp: save_file(state, tmp, metadata={"cfg": json.dumps(cfg)}))
 
     # -- forward -------------------------------------------------------------------------------
     @staticmethod

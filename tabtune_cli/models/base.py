@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+from collections import OrderedDict
 from contextlib import contextmanager
 from urllib.parse import urlparse
 from dataclasses import dataclass
@@ -170,6 +172,47 @@ def frozen_parameters(module: nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+class ContextCache:
+    """What a model computes from its context alone (embeddings, keys/values, fitted preprocessing), kept
+    between predictions so that a fitted pipeline pays for its context once.
+
+    An entry is keyed by the context's content, the module (its identity, every parameter's identity and
+    in-place version counter, its train/eval mode, peft's active adapters) and ``extra`` (settings that
+    change the result), so new weights, a fine-tuning step, an adapter swap or another context rebuild it.
+    At most ``size`` entries are kept (least recently used first out).
+    """
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(module: nn.Module, arrays: tuple, extra: tuple = ()) -> tuple:
+        digest = hashlib.blake2b(digest_size=16)
+        for array in arrays:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        weights = tuple((id(p), p._version) for p in module.parameters())
+        adapters = getattr(module, "active_adapters", None)
+        return (id(module), weights, module.training, str(adapters), digest.hexdigest(), extra)
+
+    def get(self, module: nn.Module, arrays: tuple, build, extra: tuple = ()):
+        """The cached value for this module and context, or ``build()`` (then kept)."""
+        key = self.key(module, arrays, extra)
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = build()
+        self.entries[key] = value
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
 
 
 def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndarray, y_context: np.ndarray,

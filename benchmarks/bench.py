@@ -1,0 +1,70 @@
+"""``make bench``: every performance figure of tabtune, measured side by side in one run.
+
+Writes ``bench/results.md`` (a section per topic, with the commands that reproduce it),
+``bench/results.json`` and the plots. Each topic is a module ``benchmarks/<topic>.py`` with
+
+    def run(out_dir: pathlib.Path, quick: bool) -> dict:
+        return {"title": ..., "markdown": ..., "data": {...}, "commands": [...]}
+
+Timings are medians of interleaved repeats, reported as ratios; nothing here is asserted.
+``--only a,b`` runs some topics; ``--quick`` shrinks sizes and repeats (a smoke check of the
+benchmark itself, not figures to quote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# in the order results.md shows them
+TOPICS = ["startup", "inference_tabicl", "inference_tabpfn", "inference_tabdpt", "inference_nano",
+          "finetune_nano", "peft_memory", "flights", "distributed"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench", help="output folder (default: bench)")
+    parser.add_argument("--only", default="", help="comma-separated topics (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: checks the benchmark runs")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [t for t in args.only.split(",") if t] or TOPICS
+    unknown = [t for t in chosen if t not in TOPICS]
+    if unknown:
+        parser.error(f"unknown topic {unknown[0]!r} (topics: {', '.join(TOPICS)})")
+    sys.path.insert(0, str(HERE))
+    sections, data = [], {}
+    for topic in chosen:
+        if not (HERE / f"{topic}.py").is_file():
+            sections.append(f"## {topic}\n\nNot measured yet: `benchmarks/{topic}.py` does not exist.\n")
+            continue
+        started = time.perf_counter()
+        print(f"bench: {topic} ...", flush=True)
+        result = importlib.import_module(topic).run(out, args.quick)
+        seconds = time.perf_counter() - started
+        commands = "\n".join(result.get("commands", []))
+        sections.append(f"## {result['title']}\n\n{result['markdown'].strip()}\n\n"
+                        f"Reproduce:\n\n```bash\n{commands or f'make bench ONLY={topic}'}\n```\n\n"
+                        f"_({seconds:.0f} s)_\n")
+        data[topic] = result.get("data", {})
+    header = (f"# tabtune benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()}"
+              f" · {torch.get_num_threads()} threads · torch {torch.__version__}"
+              f" · CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+              f"{' · QUICK (not figures to quote)' if args.quick else ''}\n\n")
+    (out / "results.md").write_text(header + "\n".join(sections))
+    (out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"bench: wrote {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

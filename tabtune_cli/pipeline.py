@@ -407,6 +407,7 @@ class TabularPipeline:
             if strategy.name != StrategyName.base_ft:
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
         else:
+            _check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)
             module, _ = adapter.build(model_config, task)
         module.to(self.device_)
         if strategy.name == StrategyName.peft:
@@ -467,6 +468,8 @@ def read_safetensors(path: Path) -> dict:
 
 
 PACKED = "tabtune-pipeline"
+# every file a saved pipeline folder may hold: a packed file naming any other is refused
+PIPELINE_FILES = WEIGHT_FILES | {"context.safetensors", "preprocessor.json", "pipeline.json", "README.md"}
 
 
 def pack_folder(folder: Path, target: Path) -> None:
@@ -481,7 +484,8 @@ def pack_folder(folder: Path, target: Path) -> None:
 
 
 def unpack_file(path: Path, folder: Path) -> None:
-    """The folder :func:`pack_folder` packed; a file of any other kind is refused, never executed."""
+    """The folder :func:`pack_folder` packed; a file of any other kind is refused, never executed, and only
+    the files a saved pipeline has are written (by their fixed names, inside ``folder``)."""
     from safetensors import safe_open
 
     try:
@@ -493,15 +497,26 @@ def unpack_file(path: Path, folder: Path) -> None:
             for key in fh.keys():
                 name, _, tensor = key.partition("/")
                 files.setdefault(name, {})[tensor] = fh.get_tensor(key)
+        texts = {key[5:]: text for key, text in metadata.items() if key.startswith("file:")}
+        stray = next((n for n in [*files, *texts] if n not in PIPELINE_FILES), None)
+        if stray is not None:
+            raise ValueError(f"it names a file {stray!r} that no saved pipeline has")
     except Exception as exc:
         raise TabTuneError(f"{path}: not a pipeline saved by tabtune ({str(exc).splitlines()[0][:100]}); "
                            f"tabtune saves safetensors + JSON whatever the extension and never unpickles") from None
     for name, state in files.items():
         save_file(state, folder / name)
-    for key, text in metadata.items():
-        if key.startswith("file:"):
-            name = Path(key[5:]).name  # a name only: nothing is written outside the folder
-            (folder / name).write_text(text)
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+
+
+def _check_same_checkpoint(checkpoint: Path, provenance: dict, path: Path) -> None:
+    """A saved pipeline holds no base weights of its own: the checkpoint found now must be the one it was
+    trained on (its SHA-256 in the manifest), or its predictions would silently change."""
+    expected = (provenance.get("checkpoint") or {}).get("sha256")
+    if expected and file_sha256(checkpoint) != expected:
+        raise TabTuneError(f"{path}: its base checkpoint {str(checkpoint)!r} is not the file it was trained on "
+                           f"(SHA-256 differs from pipeline.json's provenance)")
 
 
 def provenance(adapter, config, task: Task, X: pd.DataFrame, y: pd.Series) -> dict:

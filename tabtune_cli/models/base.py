@@ -214,6 +214,19 @@ class ContextCache:
             self.entries.popitem(last=False)
         return value
 
+    def settle(self, module: nn.Module, arrays: tuple, value, extra: tuple = ()) -> None:
+        """Re-file ``value`` (the entry just used) under ``module``'s current version counters.
+
+        peft's LoRA on a packed parameter (``target_parameters``, e.g. TabICL's ``in_proj_weight``)
+        registers and removes a parametrization around every forward, which bumps that parameter's
+        version counter without changing its value; call this right after predicting so the next
+        prediction still hits. A later change to the weights still moves the counters on, and misses."""
+        for key in [k for k, held in self.entries.items() if held is value]:
+            del self.entries[key]
+        self.entries[self.key(module, arrays, extra)] = value
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
 
 def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndarray, y_context: np.ndarray,
                     X_query: np.ndarray, task: Task, config: ModelConfig, device: torch.device) -> np.ndarray:

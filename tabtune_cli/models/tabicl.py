@@ -14,6 +14,35 @@ kernel is handed an identity projection instead — so a plain peft LoRA layer o
 ``out_proj`` is live. The module tree and state-dict keys are unchanged, so
 official checkpoints load as they are and peft's own ``PeftModel.from_pretrained``
 restores the adapters on any module this adapter builds.
+
+Prediction is tabicl's own recipe, run by tabicl's own estimator. ``predict`` hands the module to a
+``TabICLClassifier`` / ``TabICLRegressor`` (the package's fine-tuner injects its model the same way)
+and lets the estimator do the rest: its per-member preprocessing (``EnsembleGenerator``: standard
+scaling, ``"none"``/``"power"`` normalisation, outlier clipping), Latin-square feature shuffles, cyclic
+class shifts, batched members, logits averaged and a softmax at ``softmax_temperature``, its AMP
+choice (off on CPU, by table size on CUDA), and for regression the target scaler and the mean of the
+quantiles. The boundary: tabtune's shared preprocessor runs first (categoricals, text, missing values,
+dates) and the estimator receives its float matrix, as a user would hand the estimator a numeric
+table; the estimator's own ``TransformToNumerical`` is then a no-op. Same checkpoint, same matrix,
+same settings: the same probabilities (``tests/test_tabicl_recipe.py``). Fine-tuning's validation goes
+through the same ``predict``; its training episodes (``episode_logits``) still feed tabtune's matrix
+straight to the training forward, without the members' normalisation (tabicl's own fine-tuner trains
+on ``EnsembleGenerator`` views).
+
+Mapped settings: ``model.n_estimators`` is the estimator's ``n_estimators`` and
+``model.softmax_temperature`` its ``softmax_temperature``. Deliberate differences: tabtune's default
+is 4 members (the estimator's is 8; set ``model.n_estimators=8`` for its default); the rest are the
+estimator's defaults (``norm_methods=["none", "power"]``, ``feat_shuffle_method="latin"``,
+``class_shuffle_method="shift"``, ``average_logits=True``, ``random_state=42``, ``batch_size=8``);
+queries go in chunks of ``QUERY_CHUNK`` rows so memory stays flat on big tables (query rows never
+see each other, so chunks change nothing but the last bits).
+
+The context is encoded once. The fitted estimator, with tabicl's key/value cache of the context
+(``kv_cache=True``: column-embedding and ICL keys/values of every member), is kept in the adapter's
+``ContextCache``, keyed on the context arrays and the module's weights, so repeated predictions pay
+only for their own rows, and new weights (a training step, an adapter swap) or another context build
+it again. Above the head's 10 classes tabicl refuses the key/value cache (its many-class path
+re-reads the context); there only the fitted preprocessing is kept.
 """
 
 from __future__ import annotations
@@ -24,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tabicl import TabICLClassifier, TabICLRegressor
 from tabicl._model import attention as tabicl_attention
-from tabicl._model.inference_config import InferenceConfig
 from tabicl._model.layers import MultiheadAttention
 from tabicl._model.tabicl import TabICL
 from torch import Tensor, nn
@@ -33,12 +62,13 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict, load_weights
+from .base import ContextCache, ModelAdapter, Task, load_weights
 
 REPO_ID = "jingang/TabICL"
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 CHECKPOINTS = {"classification": "tabicl-classifier-v2-20260212.ckpt",
                "regression": "tabicl-regressor-v2-20260212.ckpt"}
+QUERY_CHUNK = 8192  # query rows per estimator call (with the context's keys/values cached)
 
 
 def read_container(path, title: str) -> tuple[dict, dict]:
@@ -119,6 +149,11 @@ class TabICLAdapter(ModelAdapter):
     # the seed's defaults: column embedder, row interactor, ICL transformer, decoder head
     default_lora_prefixes = ("col_embedder.tf_col", "row_interactor", "icl_predictor.tf_icl", "icl_predictor.decoder")
 
+    def __init__(self):
+        # one entry: the pipeline's context; a training step or another context replaces it
+        self.context_cache = ContextCache(size=1)
+        self.cache_context = True  # False: every predict fits the estimator and encodes the context anew
+
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
@@ -162,23 +197,32 @@ class TabICLAdapter(ModelAdapter):
 
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        """Class probabilities (n_query, n_classes) or values (n_query,): tabicl's estimator on tabtune's matrix."""
         module.eval()
-        inference = InferenceConfig()
-        for part in (inference.COL_CONFIG, inference.ROW_CONFIG, inference.ICL_CONFIG):
-            part.update({"use_amp": device.type == "cuda"})
+        n_out = task.n_classes if task.is_classification else None
+        if len(X_query) == 0:
+            return np.zeros((0, n_out) if n_out else (0,), dtype=np.float32)
+        # tabicl keeps no key/value cache past its head's classes (its many-class path re-reads the context)
+        kv_cache = not task.is_classification or len(np.unique(y_context)) <= module.max_classes
 
-        def forward(Xc, yc, Xq):
-            X = torch.as_tensor(np.concatenate([Xc, Xq]), device=device)[None]
-            y = torch.as_tensor(yc, device=device, dtype=torch.float32)[None]
-            if task.is_classification:
-                out = module(X, y, return_logits=False, softmax_temperature=config.softmax_temperature,
-                             inference_config=inference)[0]
-            else:
-                out = module(X, y, inference_config=inference)[0].sort(dim=-1).values.mean(dim=-1)
-            return out.float().cpu().numpy()
+        def fit(kv: bool):
+            return own_estimator(module, task, config, device, kv).fit(X_context, y_context)
 
-        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, forward,
-                                chunk=max(256, 8192 - len(X_context)))
+        settings = (task, config.n_estimators, config.softmax_temperature, str(device), kv_cache)
+        if self.cache_context:
+            estimator = self.context_cache.get(module, (X_context, y_context), lambda: fit(kv_cache), settings)
+        else:
+            estimator = fit(False)
+        chunk = QUERY_CHUNK if estimator.kv_cache else max(256, QUERY_CHUNK - len(X_context))
+        answer = estimator.predict_proba if task.is_classification else estimator.predict
+        out = np.concatenate([answer(X_query[start:start + chunk]) for start in range(0, len(X_query), chunk)])
+        if self.cache_context and hasattr(module, "peft_config"):  # only peft's forward moves the counters
+            self.context_cache.settle(module, (X_context, y_context), estimator, settings)
+        if not task.is_classification:
+            return out
+        probs = np.zeros((len(X_query), n_out), dtype=out.dtype)
+        probs[:, estimator.classes_] = out  # a class the context lacks keeps probability 0
+        return probs
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):
@@ -188,3 +232,19 @@ class TabICLAdapter(ModelAdapter):
         linears = [n for n, m in targets.items() if type(m) in PLAIN_LINEAR and "ssmax" not in n]
         packed = [f"{n}.in_proj_weight" for n, m in targets.items() if isinstance(m, MultiheadAttention)]
         return linears, packed
+
+
+def own_estimator(module: nn.Module, task: Task, config: ModelConfig, device, kv_cache: bool):
+    """tabicl's own unfitted ``TabICLClassifier`` / ``TabICLRegressor`` at tabtune's settings, holding ``module``.
+
+    ``module`` replaces the checkpoint the estimator would load (no copy: the estimator predicts
+    with these weights, LoRA included), as tabicl's own fine-tuner does for its validation."""
+    settings = dict(n_estimators=config.n_estimators, kv_cache=kv_cache, device=torch.device(device),
+                    allow_auto_download=False, verbose=False)
+    if task.is_classification:
+        estimator = TabICLClassifier(softmax_temperature=config.softmax_temperature, **settings)
+    else:
+        estimator = TabICLRegressor(**settings)
+    estimator.model_ = module
+    estimator._load_model = lambda: None  # the instance attribute shadows the checkpoint loader
+    return estimator

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["TabularPipeline", "TabularLeaderboard", "TabTuneError", "__version__"]
+__all__ = ["TabularPipeline", "TabularLeaderboard", "TabularClassifier", "TabularRegressor", "TabTuneError",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -15,6 +16,10 @@ def __getattr__(name):
         from .evaluation.leaderboard import TabularLeaderboard
 
         return TabularLeaderboard
+    if name in ("TabularClassifier", "TabularRegressor"):
+        from . import estimators
+
+        return getattr(estimators, name)
     if name == "TabTuneError":
         from .errors import TabTuneError
 

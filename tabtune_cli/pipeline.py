@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from . import rundir
 from .config import (Device, LoraSettings, StrategyConfig, StrategyName, check_combination, check_strategy, from_dict,
                      group_defaults, to_dict)
+from .data.checks import check_table, check_target
 from .data.dataset import file_sha256, infer_task
 from .data.preprocess import LabelEncoder
 from .data.schema import check_schema
@@ -236,13 +237,17 @@ class TabularPipeline:
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         rundir.write_file(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "safetensors"}))
 
-    @staticmethod
-    def _check_xy(X, y, name):
+    def _check_xy(self, X, y, name):
         if not isinstance(X, pd.DataFrame):
             X = pd.DataFrame(np.asarray(X), columns=[f"x{i}" for i in range(np.asarray(X).shape[1])])
+        if len(np.asarray(y)) != len(X):
+            raise TabTuneError(f"{name} has {len(X)} rows but its target has {len(np.asarray(y))} values")
         y = pd.Series(np.asarray(y), name=getattr(y, "name", None) or "target", index=X.index)
         if len(X) == 0:
             raise TabTuneError(f"{name} is empty: no rows to fit on")
+        # the command line's own checks (data.checks), the same messages; X_val's treatments go unsaid
+        check_table(X, name, text_columns=self.text_columns, quiet=name != "X")
+        check_target(y, name)
         if y.isna().any():
             raise TabTuneError(f"target {y.name!r} has {int(y.isna().sum())} missing values; drop those rows first")
         return X, y

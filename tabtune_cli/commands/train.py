@@ -45,6 +45,10 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
     dataset = from_dict(DatasetConfig, values["dataset"], "dataset")
     if not model.pretrained:
         adapter.random_size(model)  # an unknown size fails here, before any data is read
+    if values["device"] == "cuda":  # torch only then: validation stays light
+        from ..pipeline import resolve_device
+
+        resolve_device("cuda")
     if dataset.task.value != "auto" and dataset.task.value not in adapter.tasks:
         raise TabTuneError(f"model {adapter.name!r} does not support {dataset.task.value} "
                            f"(it supports: {', '.join(adapter.tasks)})")

@@ -1,5 +1,9 @@
 """TabPFN: official checkpoints load and predict like the tabpfn package's own model; regression; errors; CLI.
 
+Prediction equals the package's own estimator (``TabPFNClassifier`` / ``TabPFNRegressor`` on the same
+checkpoint file, same settings) within 1e-4, fine-tuned and LoRA weights included, and the fitted context
+is reused until the weights, the context or the settings change.
+
 The shared promises (episodes, live LoRA, strategies, reload) are in test_adapters.py. Checkpoints are
 written here, with random weights, in the layout of the released TabPFN v2 files (the older multi-file
 architecture's key names, which the package renames on load), because downloads are not possible in tests.
@@ -15,6 +19,8 @@ import pytest
 import torch
 from tabpfn.architectures import tabpfn_v2
 from tabpfn.architectures.shared.bar_distribution import FullSupportBarDistribution
+from tabpfn.constants import ModelVersion
+from tabpfn.inference_config import InferenceConfig
 from tabpfn.model_loading import load_model
 
 from tabtune_cli import TabularPipeline
@@ -88,6 +94,17 @@ def episode(n_context=40, n_query=12, n_features=5, seed=0, regression=False):
     return Xc, yc, Xq
 
 
+def package_estimator(path, regression, n_estimators=4, softmax_temperature=0.9, **kwargs):
+    """The package's own estimator on the checkpoint file, at tabtune's settings (random_state 0, CPU)."""
+    from tabpfn import TabPFNClassifier, TabPFNRegressor
+
+    common = dict(model_path=str(path), n_estimators=n_estimators, random_state=0, device="cpu",
+                  ignore_pretraining_limits=True, **kwargs)
+    if regression:
+        return TabPFNRegressor(**common)
+    return TabPFNClassifier(softmax_temperature=softmax_temperature, **common)
+
+
 def package_outputs(model, Xc, yc, Xq):
     with torch.no_grad():
         return model(torch.cat([Xc, Xq], 1).transpose(0, 1), yc.transpose(0, 1).float()).transpose(0, 1)[0]
@@ -105,9 +122,11 @@ def test_released_v2_checkpoint_loads_and_predicts_like_the_package(tmp_path):
     expected = package_outputs(package_model, Xc, yc, Xq)
     module.eval()
     torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected[:, :3])
+    # prediction is the package's estimator on the same file (its per-member preprocessing included)
     config = TabPFNConfig(checkpoint=str(path), n_estimators=1, softmax_temperature=0.9)
     proba = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), task, config, torch.device("cpu"))
-    np.testing.assert_allclose(proba, torch.softmax(expected[:, :3] / 0.9, -1).numpy(), atol=1e-5)
+    theirs = package_estimator(path, False, n_estimators=1).fit(Xc[0].numpy(), yc[0].numpy())
+    np.testing.assert_allclose(proba, theirs.predict_proba(Xq[0].numpy()), atol=1e-5)
     # the weights mattered: another checkpoint predicts otherwise
     other, _ = released_v2_checkpoint(tmp_path / "other.ckpt", seed=1)
     assert (package_outputs(other, Xc, yc, Xq)[:, :3] - expected[:, :3]).abs().max() > 1e-3
@@ -136,9 +155,12 @@ def test_regression_checkpoint_predicts_the_bar_distribution_mean_and_trains_on_
     torch.testing.assert_close(module.regression_borders, criterion.borders, rtol=0, atol=0)
     Xc, yc, Xq = episode(regression=True)
     expected = criterion.mean(package_outputs(package_model, Xc, yc, Xq))
+    torch.testing.assert_close(criterion.mean(adapter.episode_logits(module, Xc, yc, Xq, task)[0]), expected)
+    # prediction: the package's regressor on the same file (its target and feature transforms included)
     config = TabPFNConfig(checkpoint=str(path), n_estimators=1)
     pred = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), task, config, torch.device("cpu"))
-    np.testing.assert_allclose(pred, expected.numpy(), rtol=1e-5, atol=1e-5)
+    theirs = package_estimator(path, True, n_estimators=1).fit(Xc[0].numpy(), yc[0].numpy())
+    np.testing.assert_allclose(pred, theirs.predict(Xq[0].numpy()), rtol=1e-4, atol=1e-4)
     # training: the native loss is the bar distribution's negative log density, and a step lowers it
     module.train()
     yq = torch.randn(1, 12, generator=torch.Generator().manual_seed(3))
@@ -202,8 +224,10 @@ def test_later_versions_load_predict_like_the_package_and_take_live_lora(version
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     path = tmp_path / f"{version}.ckpt"
+    # from v2.6 a checkpoint carries its inference config (here v2.5's, for a small test)
+    inference_config = dataclasses.asdict(InferenceConfig.get_default("multiclass", ModelVersion.V2_5))
     torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(config),
-                "architecture_name": architecture_name}, path)
+                "architecture_name": architecture_name, "inference_config": inference_config}, path)
     package_model, *_ = load_model(path=path, estimator_type="classifier")
     adapter, task = get_adapter("tabpfn"), Task("classification", 3)
     with pytest.raises(TabTuneError, match=f"TabPFN {version} checkpoint, but model.version=v2"):
@@ -213,6 +237,12 @@ def test_later_versions_load_predict_like_the_package_and_take_live_lora(version
     module.eval()
     expected = package_outputs(package_model, Xc, yc, Xq)[:, :3]
     torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected)
+    # prediction: the package's estimator on the file, with the file's inference config
+    Xc_, yc_, Xq_, _ = recipe_episode()
+    config = TabPFNConfig(checkpoint=str(path), version=version, n_estimators=2)
+    proba = adapter.predict(module, Xc_, yc_, Xq_, Task("classification", 4), config, torch.device("cpu"))
+    theirs = package_estimator(path, False, 2).fit(Xc_, yc_).predict_proba(Xq_)
+    np.testing.assert_allclose(proba, theirs, rtol=0, atol=1e-4)
     wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
     lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
     assert len(lora_b) >= 8
@@ -277,3 +307,164 @@ def test_cli_peft_smoke_run_end_to_end(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+
+
+# ---- inference: the package's own recipe, the context encoded once ---------------------------------------
+
+def recipe_episode(n_context=150, n_query=40, regression=False, seed=0):
+    """Numpy context/query rows like tabtune's matrix: standardised numbers, a 3-level code column (the
+    package's modality detection reads it as categorical past 100 rows), a 0/1 indicator."""
+    rng = np.random.default_rng(seed)
+    n = n_context + n_query
+    X = np.column_stack([rng.normal(size=(n, 4)), (rng.integers(0, 3, n) - 1.0) / 0.8, rng.integers(0, 2, n)])
+    X = X.astype(np.float32)
+    if regression:
+        y = (X[:, 0] + 0.5 * X[:, 4] + 0.1 * rng.normal(size=n)).astype(np.float32)
+    else:
+        y = np.digitize(X[:, 0] + 0.5 * X[:, 4], [-0.7, 0.0, 0.7])
+    return X[:n_context], y[:n_context], X[n_context:], y[n_context:]
+
+
+@pytest.mark.parametrize("regression,n_estimators,temperature",
+                         [(False, 1, 0.9), (False, 3, 0.7), (True, 1, 0.9), (True, 3, 0.9)])
+def test_predict_equals_the_package_estimator_on_the_same_checkpoint(tmp_path, regression, n_estimators,
+                                                                     temperature):
+    path = tmp_path / ("tabpfn-v2-regressor.ckpt" if regression else "tabpfn-v2-classifier.ckpt")
+    released_v2_checkpoint(path, regression=regression)
+    adapter = get_adapter("tabpfn")
+    task = Task("regression") if regression else Task("classification", 4)
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    Xc, yc, Xq, _ = recipe_episode(regression=regression)
+    config = TabPFNConfig(checkpoint=str(path), n_estimators=n_estimators, softmax_temperature=temperature)
+    ours = adapter.predict(module, Xc, yc, Xq, task, config, torch.device("cpu"))
+    estimator = package_estimator(path, regression, n_estimators, temperature).fit(Xc, yc)
+    theirs = estimator.predict(Xq) if regression else estimator.predict_proba(Xq)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    # the recipe did something: the raw forward alone (no per-member preprocessing) answers otherwise
+    raw = adapter.episode_logits(module, *(torch.as_tensor(a)[None] for a in (Xc, yc, Xq)), task)[0]
+    raw = bar_mean(module, raw) if regression else torch.softmax(raw / temperature, -1).detach().numpy()
+    assert np.abs(raw - theirs).max() > 1e-3
+
+
+def bar_mean(module, outputs):
+    from tabtune_cli.models.tabpfn import bar_distribution
+
+    return bar_distribution(module).mean(outputs).detach().numpy()
+
+
+def test_a_class_the_context_lacks_gets_no_probability(tmp_path):
+    path = tmp_path / "v2.ckpt"
+    released_v2_checkpoint(path)
+    adapter, task = get_adapter("tabpfn"), Task("classification", 5)
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    Xc, yc, Xq, _ = recipe_episode()  # labels 0..3: class 4 is absent
+    config = TabPFNConfig(checkpoint=str(path), n_estimators=2)
+    proba = adapter.predict(module, Xc, yc, Xq, task, config, torch.device("cpu"))
+    theirs = package_estimator(path, False, 2).fit(Xc, yc).predict_proba(Xq)
+    assert proba.shape == (len(Xq), 5) and (proba[:, 4] == 0).all()
+    np.testing.assert_allclose(proba[:, :4], theirs, atol=1e-4)
+    one_class = adapter.predict(module, Xc, np.full(len(Xc), 2), Xq, task, config, torch.device("cpu"))
+    np.testing.assert_array_equal(one_class, np.eye(5)[[2] * len(Xq)])
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_the_pipeline_predicts_what_the_estimator_predicts_on_tabtunes_matrix(tmp_path, split, regression):
+    """The boundary: tabtune's shared preprocessor makes the matrix (the colour column becomes a code), then
+    the package's recipe runs on it; so the pipeline equals the estimator fitted on that matrix."""
+    path = tmp_path / "tabpfn-v2.ckpt"
+    released_v2_checkpoint(path, regression=regression)
+    X_train, y_train, X_test, _ = split
+    if regression:
+        y_train = X_train["f0"] * 3.0 + 10.0 + X_train["f1"]
+    pipe = TabularPipeline(model_name="tabpfn", task_type="regression" if regression else "classification",
+                           tuning_strategy="inference", tuning_params=TUNE_PARAMS["inference"],
+                           model_params={"checkpoint": str(path), "n_estimators": 3}, device="cpu",
+                           seed=SEED).fit(X_train, y_train)
+    M_train, M_test = pipe.preprocessor_.transform(X_train), pipe.preprocessor_.transform(X_test)
+    if regression:
+        theirs = package_estimator(path, True, 3).fit(M_train, y_train.to_numpy(np.float32)).predict(M_test)
+        # tabtune standardises the target, the estimator normalises it again: equal up to float rounding
+        np.testing.assert_allclose(pipe.predict(X_test), theirs, rtol=0, atol=1e-4 * float(y_train.std()))
+    else:
+        codes = pipe.label_encoder_.transform(y_train)
+        theirs = package_estimator(path, False, 3).fit(M_train, codes).predict_proba(M_test)
+        np.testing.assert_allclose(pipe.predict_proba(X_test), theirs, rtol=0, atol=1e-4)
+
+
+def test_the_context_is_encoded_once_and_any_change_rebuilds_it():
+    adapter, task = get_adapter("tabpfn"), Task("classification", 4)
+    torch.manual_seed(0)
+    module, _ = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    Xc, yc, Xq, _ = recipe_episode()
+    config, cpu = TabPFNConfig(pretrained=False, n_estimators=2), torch.device("cpu")
+    cache = adapter.context_cache
+
+    def predict(X=Xq, y=yc, cfg=config):
+        return adapter.predict(module, Xc, y, X, task, cfg, cpu)
+
+    first = predict()
+    assert (cache.misses, cache.hits) == (1, 0)
+    np.testing.assert_array_equal(predict(), first)
+    part = predict(Xq[:7])
+    assert (cache.misses, cache.hits) == (1, 2)
+    # cached == uncached: a fresh estimator per call (no cache kept), and the package's uncached fit mode
+    uncached = get_adapter("tabpfn")
+    uncached.context_cache.size = 0
+    np.testing.assert_array_equal(uncached.predict(module, Xc, yc, Xq[:7], task, config, cpu), part)
+    plain = uncached.fitted_estimator(module, Xc, yc, task, config, cpu, fit_mode="fit_preprocessors")
+    np.testing.assert_allclose(plain.predict_proba(Xq), first, rtol=0, atol=1e-5)
+    assert uncached.context_cache.entries == {}
+    # another context, other settings, other weights: each rebuilds, and the answers follow
+    relabelled = predict(y=(yc + 1) % 4)
+    assert cache.misses == 2 and np.abs(relabelled - first).max() > 1e-3
+    predict(cfg=TabPFNConfig(pretrained=False, n_estimators=3))
+    assert cache.misses == 3
+    with torch.no_grad():
+        module.blocks[0].mlp[0].weight.mul_(1.5)  # in place, as an optimizer step changes weights
+    moved = predict()
+    assert cache.misses == 4 and np.abs(moved - first).max() > 1e-4
+    np.testing.assert_array_equal(predict(), moved)
+    assert cache.misses == 4 and len(cache.entries) <= cache.size
+
+
+def test_lora_and_fine_tuned_weights_get_the_package_recipe(tmp_path, split):
+    """Predicting through LoRA adapters equals the package's estimator on the merged weights' checkpoint; a
+    LoRA update invalidates the cache; a base-ft pipeline predicts (and validated) with the same recipe."""
+    import copy
+
+    adapter, task = get_adapter("tabpfn"), Task("classification", 4)
+    torch.manual_seed(0)
+    module, architecture = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
+    lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0.0, 0.3)
+    Xc, yc, Xq, _ = recipe_episode()
+    config, cpu = TabPFNConfig(pretrained=False, n_estimators=2), torch.device("cpu")
+    ours = adapter.predict(wrapped, Xc, yc, Xq, task, config, cpu)
+    merged, _ = lora.fold(copy.deepcopy(wrapped))
+    path = adapter.write_checkpoint(merged, architecture, task, tmp_path / "merged")
+    theirs = package_estimator(path, False, 2).fit(Xc, yc).predict_proba(Xq)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        lora_b[0].add_(0.5)
+    assert np.abs(adapter.predict(wrapped, Xc, yc, Xq, task, config, cpu) - ours).max() > 1e-5
+    assert adapter.context_cache.misses == 2
+
+    X_train, y_train, X_test, _ = split
+    pipe = TabularPipeline(model_name="tabpfn", tuning_strategy="base-ft",
+                           tuning_params={**TUNE_PARAMS["base-ft"], "epochs": 2},
+                           model_params={"pretrained": False, "size": "tiny", "n_estimators": 2}, device="cpu",
+                           seed=SEED).fit(X_train, y_train)
+    assert pipe.adapter_.context_cache.misses >= 2  # validation before and after training went through it
+    tuned = adapter.write_checkpoint(pipe.module_, pipe.architecture_, pipe.task_, tmp_path / "tuned")
+    estimator = package_estimator(tuned, False, 2).fit(pipe.context_X_, pipe.context_y_)
+    theirs = estimator.predict_proba(pipe.preprocessor_.transform(X_test))
+    np.testing.assert_allclose(pipe.predict_proba(X_test), theirs, rtol=0, atol=1e-4)

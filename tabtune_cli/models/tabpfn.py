@@ -24,14 +24,38 @@ Inputs. TabPFN's forward is sequence-first: ``x`` is (rows, batch, features),
 only. In the column attention the query rows attend to the context rows alone
 (multi-query, to the first key/value head), so a query never sees another
 query's features or any label but the context's. One caveat belongs to the
-package: its in-model preprocessing decides whether a column is *constant*
-over all rows passed (context and query); nothing else about the query rows
-reaches another row.
+package: in this uncached forward (the training episodes) its in-model
+preprocessing decides whether a column is *constant* over all rows passed
+(context and query); nothing else about the query rows reaches another row.
+Prediction's cached forward fits that on the context alone.
+
+Prediction is the package's own. ``predict`` hands our module (plain, fine-tuned, or with live LoRA
+layers) to ``TabPFNClassifier`` / ``TabPFNRegressor`` through ``tabpfn.base.ModelSpecs`` and lets the
+estimator do what it does for its own checkpoints: per-member preprocessing (quantile and power transforms,
+SVD features, the fingerprint feature, outlier clipping, categorical encodings), feature and class shuffles,
+target transforms, temperature and averaging, with the checkpoint's inference config (v2 / v2.5 files carry
+none: the package's default for the version, as its loader guesses). With the same checkpoint file,
+``n_estimators``, ``softmax_temperature`` and ``random_state=0`` it equals the estimator within float rounding
+(about 1e-7; tests hold 1e-4). The boundary: the estimator sees tabtune's matrix, not the user's table, so
+categoricals, dates and text are numbers made by tabtune's shared preprocessor first, and the package's
+modality detection runs on that matrix as on any numeric array (a code column with few values is treated
+as categorical again). Fine-tuning validation predicts the same way (``predict_classes``); the training
+episodes keep the differentiable raw forward below (``episode_logits``), which sees tabtune's columns
+without the per-member preprocessing.
+
+The context is encoded once. The estimator fits with ``fit_mode="fit_with_cache"`` (members preprocessed,
+the context's keys/values computed) and is kept in the adapter's ``ContextCache``, keyed by the context,
+the module's weights (identity and in-place version of every parameter, LoRA included) and the settings,
+so repeated predicts run only the query rows, and any weight change, another context or other settings
+rebuild it. One context is kept (its cache grows with rows x columns x layers x members), so above 10
+classes, where tabtune's class hierarchy predicts from several contexts, each predict fits them again.
+The KV cache keeps the computed precision (the package quantises v3 / v3.5 caches to int8 by
+default, which would move answers away from its uncached mode).
 
 Regression. The model predicts a distribution over ``num_buckets`` bins
 (``FullSupportBarDistribution``): training minimises its negative log density,
-prediction is its mean. tabtune standardises the target, which is the space
-TabPFN's borders are meant for.
+prediction is its mean (the estimator's, after its own target normalisation and transforms).
+tabtune standardises the target, which is the space TabPFN's borders are meant for.
 
 LoRA. In the v2 architecture of this package every projection is a separate
 ``nn.Linear`` whose forward runs (q/k/v/out projections, the block MLPs, the
@@ -74,7 +98,7 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict, load_weights, resolve_checkpoint
+from .base import ContextCache, ModelAdapter, Task, load_weights, resolve_checkpoint
 
 # model.version -> the package's architecture name
 VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
@@ -102,6 +126,14 @@ def _architecture_module(architecture_name: str):
 
 def _version_of(architecture_name: str) -> str:
     return next((v for v, a in VERSIONS.items() if a == architecture_name), architecture_name)
+
+
+def _plain(value, path) -> dict:
+    """``value`` as JSON data (a run saves its architecture as JSON), or a TabTuneError naming the file."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise TabTuneError(f"{path}: its inference_config is not plain data ({exc})") from None
 
 
 def _standard_normal_borders(num_buckets: int) -> Tensor:
@@ -210,6 +242,8 @@ class TabPFNAdapter(ModelAdapter):
             raise TabTuneError(f"{path}: this TabPFN checkpoint has no regression head, but the task is regression")
         architecture = {"architecture_name": architecture_name, "config": dataclasses.asdict(parsed),
                         "estimator": estimator}
+        if checkpoint.get("inference_config"):  # v2.6 on: the preprocessing the model was released with
+            architecture["inference_config"] = _plain(checkpoint["inference_config"], path)
         module = self.from_architecture(architecture)
         state = dict(checkpoint["state_dict"])
         criterion = {k.replace("criterion.", ""): state.pop(k) for k in [k for k in state if "criterion." in k]}
@@ -225,6 +259,8 @@ class TabPFNAdapter(ModelAdapter):
         if architecture.get("estimator") == "regressor" and not hasattr(module, "regression_borders"):
             # v2-v2.6 kept the borders beside the model; we keep them in it so a saved run is whole
             module.register_buffer("regression_borders", torch.zeros(parsed.num_buckets + 1))
+        # what predict hands the package's estimator with the module: a plain attribute, not a weight
+        module.tabtune_architecture = architecture
         return module
 
     def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
@@ -284,22 +320,62 @@ class TabPFNAdapter(ModelAdapter):
         criterion = self._criterion.to(outputs.device)
         return criterion(outputs.transpose(0, 1), y_query.transpose(0, 1).to(outputs.dtype)).mean()
 
+    def __init__(self):
+        # the fitted estimator of the last context: its members' preprocessing and KV cache (at the default
+        # size about 256 bytes per context row, column and layer for each member, so one is kept)
+        self.context_cache = ContextCache(size=1)
+
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        """The package's own prediction for ``module``: its estimator, fitted on the context once per weights.
+
+        ``TabPFNClassifier`` / ``TabPFNRegressor`` get our module through ``ModelSpecs`` (by reference, so
+        fine-tuned or LoRA weights are the ones used) and run their own recipe on tabtune's matrix: per-member
+        preprocessing, feature shifts, class permutations, temperature, averaging, target transforms. They
+        fit with ``fit_mode="fit_with_cache"``, so the context's keys/values are computed once; the fitted
+        estimator is kept in ``context_cache``, keyed by the context and the weights' versions.
+        """
         module.eval()
-        criterion = None if task.is_classification else bar_distribution(module).to(device)
+        classes = np.unique(y_context) if task.is_classification else None
+        if classes is not None and len(classes) == 1:  # the estimator wants two classes; the answer is sure
+            probs = np.zeros((len(X_query), task.n_classes))
+            probs[:, int(classes[0])] = 1.0
+            return probs
+        settings = (task, int(config.n_estimators), float(config.softmax_temperature), str(device))
+        # the entry holds the module (through ModelSpecs), so ids in its key cannot be reused while it lives
+        estimator = self.context_cache.get(
+            module, (X_context, y_context),
+            lambda: self.fitted_estimator(module, X_context, y_context, task, config, device), extra=settings)
+        X_query = np.asarray(X_query, dtype=np.float32)
+        if not task.is_classification:
+            return np.asarray(estimator.predict(X_query), dtype=np.float64)
+        probs = np.zeros((len(X_query), task.n_classes))
+        # classes the context lacks get no probability, as in the estimator
+        probs[:, estimator.classes_.astype(int)] = estimator.predict_proba(X_query)
+        return probs
 
-        def forward(Xc, yc, Xq):
-            as_tensor = lambda a: torch.as_tensor(a, device=device, dtype=torch.float32)[None]  # noqa: E731
-            out = self._forward(module, as_tensor(Xc), as_tensor(yc), as_tensor(Xq))[0].float()
-            if task.is_classification:
-                out = torch.softmax(out[:, : task.n_classes] / config.softmax_temperature, dim=-1)
-            else:
-                out = criterion.mean(out)
-            return out.cpu().numpy()
+    def fitted_estimator(self, module, X_context, y_context, task: Task, config: ModelConfig, device,
+                         fit_mode: str = "fit_with_cache"):
+        """The package's estimator for ``module``, fitted on the context (its members preprocessed, cache built).
 
-        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, forward,
-                                chunk=max(256, 8192 - len(X_context)))
+        Settings are the package's defaults except those tabtune's config names (``n_estimators``,
+        ``softmax_temperature``), ``random_state=0`` (the package's default), the KV cache kept at the
+        computed precision (the package would quantise v3 / v3.5 caches to int8, and then differ from its
+        uncached predictions) and ``ignore_pretraining_limits`` (tabtune caps the context itself:
+        ``max_context_rows``)."""
+        from tabpfn import TabPFNClassifier, TabPFNRegressor
+
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module  # LoRA layers live in it
+        spec = model_specs(base, task)
+        kwargs = dict(model_path=spec, n_estimators=int(config.n_estimators), random_state=0, device=device,
+                      fit_mode=fit_mode, kv_cache_precision="auto", ignore_pretraining_limits=True)
+        if task.is_classification:
+            estimator = TabPFNClassifier(softmax_temperature=float(config.softmax_temperature), **kwargs)
+        else:
+            estimator = TabPFNRegressor(**kwargs)
+        X_context = np.asarray(X_context, dtype=np.float32)
+        y_context = np.asarray(y_context, dtype=np.int64 if task.is_classification else np.float32)
+        return estimator.fit(X_context, y_context)
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):
@@ -316,3 +392,35 @@ def bar_distribution(module: nn.Module):
     if borders is None:
         raise TabTuneError("this TabPFN module has no regression borders: it was built for classification")
     return FullSupportBarDistribution(borders.detach().float().cpu(), ignore_nan_targets=True)
+
+
+def model_specs(module: nn.Module, task: Task):
+    """``tabpfn.base.ModelSpecs`` for ``module``: its architecture config, its inference config (the one its
+    checkpoint carried, else the package's default for v2 / v2.5, as the package's loader guesses it) and,
+    for regression, its bar distribution."""
+    from tabpfn.base import ModelSpecs
+    from tabpfn.constants import ModelVersion
+    from tabpfn.inference_config import InferenceConfig
+
+    architecture = getattr(module, "tabtune_architecture", None)
+    if architecture is None:
+        raise TabTuneError("this TabPFN module was not built by tabtune's adapter (build / from_architecture), "
+                           "so its inference config is unknown")
+    name = architecture["architecture_name"]
+    parsed, _ = _architecture_module(name).parse_config(dict(architecture["config"]))
+    saved = architecture.get("inference_config")
+    if saved:
+        saved = dict(saved)
+        if "CONSTANT_FEATURE_COUNT" in saved:  # the key's older name, as the package's loader renames it
+            saved["FEATURE_SUBSAMPLING_CONSTANT_FEATURE_COUNT"] = saved.pop("CONSTANT_FEATURE_COUNT")
+        inference_config = InferenceConfig(**saved)
+    elif name in ("tabpfn_v2", "tabpfn_v2_5"):
+        version = ModelVersion.V2 if name == "tabpfn_v2" else ModelVersion.V2_5
+        inference_config = InferenceConfig.get_default("multiclass" if task.is_classification else "regression",
+                                                       version)
+    else:
+        raise TabTuneError(f"TabPFN {_version_of(name)}: this model's architecture does not hold the inference "
+                           f"config its checkpoint carries; rebuild it from the checkpoint (model.checkpoint=...)")
+    criterion = None if task.is_classification else bar_distribution(module)
+    return ModelSpecs(model=module, architecture_config=parsed, inference_config=inference_config,
+                      norm_criterion=criterion)

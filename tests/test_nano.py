@@ -1,4 +1,5 @@
-"""What nano's adapter shows the model of a user's table: the columns it keeps and the views it takes."""
+"""What nano's adapter shows the model of a user's table (the columns it keeps, the views it takes), its calibration,
+and its context encoded once."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from sklearn.metrics import roc_auc_score
 from tabtune_cli import TabularPipeline
 from tabtune_cli.config import from_dict
 from tabtune_cli.errors import TabTuneError
-from tabtune_cli.models.base import Task
-from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, fit_calibration, pca_view,
-                                     quantile_view, rescale, select_features)
+from tabtune_cli.models.base import Task, ensemble_predict
+from tabtune_cli.models.nano import (NanoAdapter, NanoConfig, View, class_separation, fit_calibration, normalise,
+                                     pca_view, quantile_view, rescale, select_features, table_views)
 
 
 def test_class_separation_is_the_anova_f_statistic_up_to_its_constant():
@@ -202,3 +203,138 @@ def test_nano_takes_few_level_categories_one_hot_and_other_models_codes():
     assert kinds == {16: ["one-hot", "numeric"], 0: ["categorical", "numeric"]}
     tabicl = TabularPipeline(model_name="tabicl", model_params={"pretrained": False, "n_estimators": 1}, device="cpu")
     assert tabicl.fit(X.iloc[:100], y.iloc[:100]).preprocessor_.state["columns"][0]["kind"] == "categorical"
+
+
+# ---- the context encoded once ---------------------------------------------------------------------------
+
+def joint_forward(network, X_context, y_context, X_query):
+    """nano's forward as one pass over context and query rows together (tabtune 0.2's): the reference."""
+    Xc, Xq = normalise(X_context, X_query, None, network.max_features)
+    h = torch.cat([network.encoder(Xc) + network.label_embedding(y_context.long()), network.encoder(Xq)], dim=1)
+    for block in network.blocks:
+        h = block(h, X_context.shape[1])
+    return network.decoder(network.norm(h[:, X_context.shape[1]:]))
+
+
+@torch.no_grad()
+def reference_predict(network, X_context, y_context, X_query, task, config):
+    """nano's predict before the context cache: every member's context and the calibration computed anew
+    (on a table whose every class has rows in both halves of the context)."""
+    def forward(Xc, yc, Xq):
+        logits = joint_forward(network, torch.as_tensor(Xc)[None], torch.as_tensor(yc)[None],
+                               torch.as_tensor(Xq)[None])[0, :, : task.n_classes].float()
+        return torch.softmax(logits / config.softmax_temperature, dim=-1).numpy()
+
+    def ensemble(Xc, yc, Xq, n_estimators):
+        total = 0.0
+        views = table_views(config.preprocessing, torch.as_tensor(Xc)[None], torch.as_tensor(yc)[None],
+                            torch.as_tensor(Xq)[None], min(config.max_input_features, network.max_features))
+        for i, (Xc_view, Xq_view) in enumerate(views):
+            members = len(range(i, n_estimators, len(config.preprocessing)))
+            if members:
+                total = total + members * ensemble_predict(Xc_view[0].numpy(), yc, Xq_view[0].numpy(), task,
+                                                           members, forward, chunk=4096)
+        return total / n_estimators
+
+    proba = ensemble(X_context, y_context, X_query, config.n_estimators)
+    if not config.calibrate:
+        return proba
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(np.flatnonzero(y_context == c)) for c in np.unique(y_context)])
+    halves = order[0::2], order[1::2]
+    cross = np.empty((len(y_context), task.n_classes))
+    for given, asked in (halves, halves[::-1]):
+        cross[asked] = ensemble(X_context[given], y_context[given], X_context[asked], min(config.n_estimators, 16))
+    return rescale(proba, fit_calibration(cross, y_context))
+
+
+def shipped_nano():
+    adapter = NanoAdapter()
+    module, _ = adapter.build(NanoConfig(), Task("classification", 3))
+    return adapter, module.eval()
+
+
+def small_table(n_context=160, n_query=24, n_features=7, n_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_context + n_query, n_features)).astype(np.float32)
+    y = np.digitize(X[:, 0] + 0.5 * X[:, 1] + 0.3 * rng.normal(size=len(X)), [-0.5, 0.5])[:n_context] % n_classes
+    return X[:n_context], y, X[n_context:]
+
+
+def test_the_forward_as_context_pass_then_query_pass_equals_one_joint_pass():
+    _, network = shipped_nano()
+    Xc, yc, Xq = (torch.as_tensor(a)[None] for a in small_table())
+    with torch.no_grad():
+        split = network(Xc, yc, Xq)
+        torch.testing.assert_close(split, joint_forward(network, Xc, yc, Xq), atol=1e-5, rtol=1e-5)
+        encoded = network.encode_context(Xc, yc)
+        # the context's keys and values serve any queries: a query's logits do not depend on the others
+        torch.testing.assert_close(network.query_logits(encoded, Xq[:, 5:9]), split[:, 5:9], atol=1e-6, rtol=1e-6)
+        assert len(encoded.keys_values) == len(network.blocks)
+
+
+@pytest.mark.parametrize("calibrate, n_features", [(True, 7), (False, 40)])
+def test_predict_equals_the_recipe_computed_anew(calibrate, n_features):
+    adapter, network = shipped_nano()
+    Xc, yc, Xq = small_table(n_features=n_features)
+    task, config = Task("classification", 3), NanoConfig(n_estimators=8, calibrate=calibrate)
+    expected = reference_predict(network, Xc, yc, Xq, task, config)
+    np.testing.assert_allclose(adapter.predict(network, Xc, yc, Xq, task, config, torch.device("cpu")), expected,
+                               atol=1e-6, rtol=0)
+
+
+def test_the_encoded_context_is_reused_until_the_context_weights_or_settings_change():
+    from tabtune_cli.config import LoraSettings
+    from tabtune_cli.tuning import lora
+
+    adapter, network = shipped_nano()
+    Xc, yc, Xq = small_table()
+    task, config, cpu = Task("classification", 3), NanoConfig(n_estimators=6), torch.device("cpu")
+    cache = adapter.context_cache
+    uncached = NanoAdapter()
+    uncached.cache_context = False
+    first = adapter.predict(network, Xc, yc, Xq, task, config, cpu)
+    np.testing.assert_array_equal(first, uncached.predict(network, Xc, yc, Xq, task, config, cpu))
+    assert (cache.hits, cache.misses) == (0, 1)
+    for start in range(0, len(Xq), 8):  # small repeated predicts: the same answers, bit for bit
+        rows = Xq[start:start + 8]
+        again = adapter.predict(network, Xc, yc, rows, task, config, cpu)
+        np.testing.assert_array_equal(again, uncached.predict(network, Xc, yc, rows, task, config, cpu))
+        np.testing.assert_allclose(again, first[start:start + 8], atol=1e-7, rtol=0)
+    assert (cache.hits, cache.misses) == (3, 1)
+
+    def misses_after(*args, **settings):
+        before = cache.misses
+        out = adapter.predict(*args[:3], Xq, task, NanoConfig(n_estimators=6, **settings), cpu)
+        assert cache.misses == before + 1
+        return out
+
+    moved = misses_after(network, Xc[1:], yc[1:])                           # another context
+    assert np.abs(moved - first).max() > 0
+    misses_after(network, Xc, yc, softmax_temperature=0.5)                  # a setting that changes the answer
+    assert len(cache.entries) == 1                                          # one context's keys and values kept
+    wrapped = lora.wrap(adapter, network, LoraSettings(r=2))
+    base = misses_after(wrapped, Xc, yc)                                    # the peft wrapper is another module
+    np.testing.assert_allclose(base, first, atol=1e-6, rtol=0)              # whose adapters start at zero
+    hits = cache.hits
+    np.testing.assert_array_equal(adapter.predict(wrapped, Xc, yc, Xq, task, config, cpu), base)
+    assert cache.hits == hits + 1                                           # peft's forward leaves it valid
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)                                         # a fine-tuning step
+    tuned = misses_after(wrapped, Xc, yc)
+    assert np.abs(tuned - base).max() > 1e-3
+    np.testing.assert_array_equal(tuned, uncached.predict(wrapped, Xc, yc, Xq, task, NanoConfig(n_estimators=6), cpu))
+
+
+def test_a_fitted_pipeline_encodes_its_context_once():
+    X = pd.DataFrame(np.random.default_rng(6).normal(size=(300, 5)), columns=list("abcde"))
+    y = pd.Series(np.where(X["a"] - X["b"] > 0, "up", "down"), name="move")
+    pipe = TabularPipeline(model_name="nano", model_params={"n_estimators": 4}, device="cpu", seed=0)
+    pipe.fit(X.iloc[:200], y.iloc[:200])
+    proba = pipe.predict_proba(X.iloc[200:])
+    np.testing.assert_allclose(pipe.predict_proba(X.iloc[200:210]), proba[:10], atol=1e-7, rtol=0)
+    pipe.evaluate(X.iloc[210:], y.iloc[210:])
+    cache = pipe.adapter_.context_cache
+    assert cache.misses == 1 and cache.hits == 2

@@ -26,6 +26,19 @@ The ensemble's mean is underconfident (most on many classes and imbalanced
 tables), so by default ``predict`` calibrates it: each half of the context is
 predicted from the other half, and one scale of the log-probabilities plus an
 offset per class, fitted to those rows, are applied to the queries.
+
+The context is encoded once. Since queries attend to the context rows only and
+the context rows to each other, each layer's context keys and values depend on the
+context alone; so does everything else ``predict`` derives from it: each view's
+fitted map (kept columns, sorted context values, principal axes), each member's
+feature order, class shift, normalisation statistics and per-layer keys/values,
+and the calibration map. ``predict`` keeps them in a ``ContextCache`` (one context:
+about 0.5 MiB a context row at the shipped size and 64 members, 1 GiB for 2,048
+rows), keyed on the context's content, the weights' versions and the settings, so
+a fitted pipeline pays for its context once and a fine-tuning step or an adapter
+swap rebuilds it. A query's answer is computed by the same operations whether the
+context came from the cache or not (``adapter.cache_context = False`` turns the
+cache off); ``NanoICL.forward`` itself runs as context pass then query pass.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict, load_weights
+from .base import ContextCache, ModelAdapter, Task, class_shift_probs, load_weights
 
 CLIP = 5.0
 TAIL = 1e-7  # the quantile view maps onto [-5.2, 5.2]
@@ -99,28 +112,55 @@ def class_separation(X_context: Tensor, y_context: Tensor) -> Tensor:
     return between / within.clamp(min=1e-12)
 
 
+def separating_columns(X_context: Tensor, y_context: Tensor, limit: int) -> Tensor | None:
+    """(batch, ``limit``) indices of the columns that best separate the context's classes, in their given
+    order; None when the table is not wider than ``limit``."""
+    if X_context.shape[-1] <= limit:
+        return None
+    return class_separation(X_context, y_context).topk(limit, dim=-1).indices.sort(dim=-1).values
+
+
+def take_columns(X: Tensor, keep: Tensor | None) -> Tensor:
+    return X if keep is None else X.gather(-1, keep.unsqueeze(1).expand(-1, X.shape[1], -1))
+
+
 def select_features(X_context: Tensor, y_context: Tensor, X_query: Tensor, limit: int):
     """Keep the ``limit`` columns that best separate the context's classes, in their given order."""
-    if X_context.shape[-1] <= limit:
-        return X_context, X_query
-    keep = class_separation(X_context, y_context).topk(limit, dim=-1).indices.sort(dim=-1).values
-    take = lambda X: X.gather(-1, keep.unsqueeze(1).expand(-1, X.shape[1], -1))  # noqa: E731
-    return take(X_context), take(X_query)
+    keep = separating_columns(X_context, y_context, limit)
+    return take_columns(X_context, keep), take_columns(X_query, keep)
+
+
+def quantile_map(ordered: Tensor, X: Tensor) -> Tensor:
+    """``X``'s mid-ranks among the sorted context values ``ordered`` (batch, features, rows), mapped
+    through the normal quantile function."""
+    n = ordered.shape[-1]
+    values = X.transpose(1, 2).contiguous()
+    # ties share the middle of their ranks; the context's extremes (and beyond) go to the far tails
+    rank = (torch.searchsorted(ordered, values) + torch.searchsorted(ordered, values, right=True) - 1) / 2
+    level = (rank.double() / max(n - 1, 1)).clamp(TAIL, 1 - TAIL)
+    return torch.special.ndtri(level).transpose(1, 2).to(X.dtype)
 
 
 def quantile_view(X_context: Tensor, X_query: Tensor):
     """Each feature's mid-rank among the context rows, mapped through the normal quantile function."""
     ordered = X_context.transpose(1, 2).contiguous().sort(dim=-1).values     # (B, F, n)
-    n = ordered.shape[-1]
+    return quantile_map(ordered, X_context), quantile_map(ordered, X_query)
 
-    def transform(X: Tensor) -> Tensor:
-        values = X.transpose(1, 2).contiguous()
-        # ties share the middle of their ranks; the context's extremes (and beyond) go to the far tails
-        rank = (torch.searchsorted(ordered, values) + torch.searchsorted(ordered, values, right=True) - 1) / 2
-        level = (rank.double() / max(n - 1, 1)).clamp(TAIL, 1 - TAIL)
-        return torch.special.ndtri(level).transpose(1, 2).to(X.dtype)
 
-    return transform(X_context), transform(X_query)
+def pca_axes(X_context: Tensor, limit: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, std, axes)``: the leading ``limit`` principal axes of the standardised context (per table of
+    the batch; axes with (numerically) no variance in any table are dropped)."""
+    mean = X_context.mean(dim=1, keepdim=True)
+    std = X_context.std(dim=1, keepdim=True, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    _, singular, axes = torch.linalg.svd(((X_context - mean) / std).double(), full_matrices=False)  # (B, k, F)
+    rank = int((singular > 1e-6 * singular[:, :1].clamp(min=1e-12)).sum(dim=-1).max())
+    return mean, std, axes[:, : max(1, min(limit, rank))].transpose(1, 2)
+
+
+def pca_map(fitted: tuple[Tensor, Tensor, Tensor], X: Tensor) -> Tensor:
+    mean, std, axes = fitted
+    return (((X - mean) / std).double() @ axes).to(X.dtype)
 
 
 def pca_view(X_context: Tensor, X_query: Tensor, limit: int):
@@ -128,27 +168,40 @@ def pca_view(X_context: Tensor, X_query: Tensor, limit: int):
 
     Axes are found per table of the batch; those with (numerically) no variance in any table are dropped.
     """
-    mean = X_context.mean(dim=1, keepdim=True)
-    std = X_context.std(dim=1, keepdim=True, unbiased=False)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    Xc, Xq = ((X_context - mean) / std).double(), ((X_query - mean) / std).double()
-    _, singular, axes = torch.linalg.svd(Xc, full_matrices=False)          # axes: (B, k, F)
-    rank = int((singular > 1e-6 * singular[:, :1].clamp(min=1e-12)).sum(dim=-1).max())
-    axes = axes[:, : max(1, min(limit, rank))].transpose(1, 2)
-    return (Xc @ axes).to(X_context.dtype), (Xq @ axes).to(X_query.dtype)
+    fitted = pca_axes(X_context, limit)
+    return pca_map(fitted, X_context), pca_map(fitted, X_query)
+
+
+class FittedView:
+    """One view of a table as fitted on its context: ``context`` holds the context's view, and calling it
+    maps query rows the same way (the same kept columns, context quantiles or principal axes)."""
+
+    def __init__(self, view: View, X_context: Tensor, y_context: Tensor, limit: int):
+        self.view = view
+        if view == View.pca:
+            self.fitted = pca_axes(X_context, limit)
+        else:
+            self.keep = separating_columns(X_context, y_context, limit)
+            if view == View.quantile:
+                self.ordered = take_columns(X_context, self.keep).transpose(1, 2).contiguous().sort(dim=-1).values
+        self.context = self(X_context)
+
+    def __call__(self, X: Tensor) -> Tensor:
+        if self.view == View.pca:
+            return pca_map(self.fitted, X)
+        kept = take_columns(X, self.keep)
+        return quantile_map(self.ordered, kept) if self.view == View.quantile else kept
 
 
 def table_views(views: List[View], X_context: Tensor, y_context: Tensor, X_query: Tensor, limit: int):
     """``(context, query)`` features of each view in ``views``, at most ``limit`` columns each.
 
-    The columns are chosen once for the views that take the most class-separating ones; ``pca`` sees all.
+    The columns are chosen from the context for the views that take the most class-separating ones;
+    ``pca`` sees all.
     """
-    kept = select_features(X_context, y_context, X_query, limit)
     for view in views:
-        if view == View.pca:
-            yield pca_view(X_context, X_query, limit)
-        else:
-            yield quantile_view(*kept) if view == View.quantile else kept
+        fitted = FittedView(view, X_context, y_context, limit)
+        yield fitted.context, fitted(X_query)
 
 
 def rescale(proba: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -175,19 +228,27 @@ def fit_calibration(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return minimize(objective, start, method="L-BFGS-B", bounds=[(0.01, 50.0)] + [(-20.0, 20.0)] * (len(start) - 1)).x
 
 
-def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
-    """Standardise every feature by the context rows' mean and std, clip, rescale by width, zero-pad."""
+def context_scaling(X_context: Tensor, n_features: Tensor | None, max_features: int):
+    """``(mean, std, scale)``: the context rows' per-feature statistics and the width rescaling."""
     mean = X_context.mean(dim=1, keepdim=True)
     std = X_context.std(dim=1, keepdim=True, unbiased=False)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    Xc = ((X_context - mean) / std).clamp(-CLIP, CLIP)
-    Xq = ((X_query - mean) / std).clamp(-CLIP, CLIP)
-    width = X_context.shape[-1]
     if n_features is None:
-        n_features = torch.full((X_context.shape[0],), width, device=X_context.device)
+        n_features = torch.full((X_context.shape[0],), X_context.shape[-1], device=X_context.device)
     scale = torch.sqrt(max_features / n_features.clamp(min=1).float()).view(-1, 1, 1)
-    pad = max_features - width
-    return F.pad(Xc * scale, (0, pad)), F.pad(Xq * scale, (0, pad))
+    return mean, std, scale
+
+
+def apply_scaling(X: Tensor, scaling, max_features: int) -> Tensor:
+    """Standardise ``X`` by the context's statistics, clip, rescale by width, zero-pad to ``max_features``."""
+    mean, std, scale = scaling
+    return F.pad(((X - mean) / std).clamp(-CLIP, CLIP) * scale, (0, max_features - X.shape[-1]))
+
+
+def normalise(X_context: Tensor, X_query: Tensor, n_features: Tensor | None, max_features: int):
+    """Standardise every feature by the context rows' mean and std, clip, rescale by width, zero-pad."""
+    scaling = context_scaling(X_context, n_features, max_features)
+    return apply_scaling(X_context, scaling, max_features), apply_scaling(X_query, scaling, max_features)
 
 
 class Block(nn.Module):
@@ -206,13 +267,28 @@ class Block(nn.Module):
         B, T, D = x.shape
         return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
 
-    def forward(self, h: Tensor, n_context: int) -> Tensor:
-        x = self.norm1(h)
-        context = x[:, :n_context]
-        attended = F.scaled_dot_product_attention(self._heads(self.q(x)), self._heads(self.k(context)),
-                                                  self._heads(self.v(context)))
+    def keys_values(self, x_context: Tensor) -> tuple[Tensor, Tensor]:
+        """The heads' keys and values of the context rows (``x_context``: their normed hidden states)."""
+        return self._heads(self.k(x_context)), self._heads(self.v(x_context))
+
+    def attend(self, h: Tensor, keys: Tensor, values: Tensor, x: Tensor | None = None) -> Tensor:
+        """``h`` after this block, its rows attending to the context's ``keys`` and ``values``."""
+        x = self.norm1(h) if x is None else x
+        attended = F.scaled_dot_product_attention(self._heads(self.q(x)), keys, values)
         h = h + self.dropout(self.out(attended.transpose(1, 2).flatten(2)))
         return h + self.dropout(self.linear2(F.gelu(self.linear1(self.norm2(h)))))
+
+    def forward(self, h: Tensor, n_context: int) -> Tensor:
+        x = self.norm1(h)
+        return self.attend(h, *self.keys_values(x[:, :n_context]), x)
+
+
+@dataclass
+class EncodedContext:
+    """What a query needs of its context: the normalisation statistics and every layer's keys and values."""
+
+    scaling: tuple
+    keys_values: list
 
 
 class NanoICL(nn.Module):
@@ -230,14 +306,33 @@ class NanoICL(nn.Module):
 
     def forward(self, X_context: Tensor, y_context: Tensor, X_query: Tensor,
                 n_features: Tensor | None = None) -> Tensor:
+        return self.query_logits(self.encode_context(X_context, y_context, n_features), X_query)
+
+    def encode_context(self, X_context: Tensor, y_context: Tensor, n_features: Tensor | None = None) -> EncodedContext:
+        """The context pass: its normalisation statistics and each layer's keys and values (the context rows
+        attend to each other only, so none of it depends on a query)."""
         if X_context.shape[-1] > self.max_features:
             raise ValueError(f"nano takes at most {self.max_features} features, got {X_context.shape[-1]}")
-        Xc, Xq = normalise(X_context, X_query, n_features, self.max_features)
-        context = self.encoder(Xc) + self.label_embedding(y_context.long())
-        h = torch.cat([context, self.encoder(Xq)], dim=1)
-        for block in self.blocks:
-            h = block(h, X_context.shape[1])
-        return self.decoder(self.norm(h[:, X_context.shape[1]:]))
+        scaling = context_scaling(X_context, n_features, self.max_features)
+        h = self.encoder(apply_scaling(X_context, scaling, self.max_features)) + self.label_embedding(y_context.long())
+        keys_values = []
+        for i, block in enumerate(self.blocks):
+            x = block.norm1(h)
+            keys_values.append(block.keys_values(x))
+            if i + 1 < len(self.blocks):  # the last layer's context outputs feed nothing
+                h = block.attend(h, *keys_values[-1], x)
+        return EncodedContext(scaling, keys_values)
+
+    def query_logits(self, context: EncodedContext, X_query: Tensor) -> Tensor:
+        """The query pass: class logits of ``X_query`` against an encoded context."""
+        return self.decode_queries(apply_scaling(X_query, context.scaling, self.max_features), context.keys_values)
+
+    def decode_queries(self, X_query: Tensor, keys_values: list) -> Tensor:
+        """Class logits of query rows already scaled by their context, against its per-layer keys and values."""
+        h = self.encoder(X_query)
+        for block, (keys, values) in zip(self.blocks, keys_values):
+            h = block.attend(h, keys, values)
+        return self.decoder(self.norm(h))
 
 
 def shipped_checkpoint() -> Path:
@@ -258,6 +353,29 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     return architecture, load_file(str(path))
 
 
+# query rows per pass: members x rows x context rows at most this (attention scores: 4 bytes a head each)
+ATTENTION_BUDGET = 2**24
+
+
+@dataclass
+class NanoContext:
+    """A context as ``predict`` uses it: the ensemble (views fitted on it, the members' orders, shifts and
+    scalings, every layer's stacked keys and values; ``NanoAdapter._members``) and the calibration map
+    (None: none)."""
+
+    ensemble: tuple
+    calibration: np.ndarray | None
+
+
+def _as_table(X) -> Tensor:
+    return torch.as_tensor(np.asarray(X, dtype=np.float32))[None]
+
+
+def _network(module) -> NanoICL:
+    """The NanoICL inside ``module`` (a peft wrapper's LoRA layers live in it)."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
 class NanoAdapter(ModelAdapter):
     name = "nano"
     title = "nano"
@@ -268,6 +386,10 @@ class NanoAdapter(ModelAdapter):
     sizes = {"tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
              "small": dict(d_model=128, n_layers=6, n_heads=4, d_ff=256)}
     default_lora_prefixes = ("blocks", "decoder")
+
+    def __init__(self):
+        self.context_cache = ContextCache(size=1)  # the encoded context of the last predict
+        self.cache_context = True  # False: every predict encodes its context anew
 
     def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
         if not config.pretrained:
@@ -314,34 +436,32 @@ class NanoAdapter(ModelAdapter):
 
     @staticmethod
     def _input_limit(module, config: NanoConfig) -> int:
-        width = getattr(module, "max_features", None) or module.get_base_model().max_features
-        return min(config.max_input_features, width)
+        return min(config.max_input_features, _network(module).max_features)
 
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))[None]  # noqa: E731
-        Xc, yc, Xq = as_tensor(X_context), torch.as_tensor(y_context)[None], as_tensor(X_query)
+        settings = (task.n_classes, config.n_estimators, tuple(View(v) for v in config.preprocessing),
+                    self._input_limit(module, config), config.softmax_temperature, config.calibrate, str(device))
+        build = lambda: self.encode_context(module, X_context, y_context, task, config, device)  # noqa: E731
+        cache = self.context_cache
+        if not self.cache_context:
+            context = build()
+        else:
+            arrays = (np.asarray(X_context), np.asarray(y_context))
+            if cache.key(module, arrays, settings) not in cache.entries:
+                cache.entries.clear()  # let the old context's keys and values go before the new ones are built
+            context = cache.get(module, arrays, build, settings)
+        proba = self._ask(module, context.ensemble, _as_table(X_query), task, config, config.n_estimators, device)
+        return proba if context.calibration is None else rescale(proba, context.calibration)
 
-        def forward(Xc, yc, Xq):
-            logits = module(torch.as_tensor(Xc, device=device)[None], torch.as_tensor(yc, device=device)[None],
-                            torch.as_tensor(Xq, device=device)[None])[0, :, : task.n_classes].float()
-            return torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy()
-
-        def ensemble(Xc, yc, Xq, n_estimators):
-            # the members are shared out over the views in turn
-            total = 0.0
-            views = table_views(config.preprocessing, Xc, yc, Xq, self._input_limit(module, config))
-            for i, (Xc_view, Xq_view) in enumerate(views):
-                members = len(range(i, n_estimators, len(config.preprocessing)))
-                if members:
-                    total = total + members * ensemble_predict(Xc_view[0].numpy(), yc[0].numpy(), Xq_view[0].numpy(),
-                                                               task, members, forward, chunk=4096)
-            return total / max(n_estimators, 1)
-
-        proba = ensemble(Xc, yc, Xq, config.n_estimators)
+    def encode_context(self, module, X_context, y_context, task: Task, config: ModelConfig, device) -> NanoContext:
+        """Everything ``predict`` derives from the context alone: the members' views and encoded contexts, and
+        the calibration map."""
+        Xc, yc = _as_table(X_context), torch.as_tensor(y_context)[None]
+        ensemble = self._members(module, Xc, yc, task, config, config.n_estimators, device)
         if not config.calibrate:
-            return proba
+            return NanoContext(ensemble, None)
         # each half of the context is predicted from the other half (with at most 16 members); the halves
         # split every class, and the rows of a class that only one half holds (a class of one row) are not fitted
         labels = np.asarray(y_context)
@@ -350,11 +470,76 @@ class NanoAdapter(ModelAdapter):
         halves = order[0::2], order[1::2]
         fitted = np.isin(labels, np.intersect1d(labels[halves[0]], labels[halves[1]]))
         if not fitted.any():
-            return proba
-        cross = np.empty((len(labels), proba.shape[1]))
+            return NanoContext(ensemble, None)
+        cross = np.empty((len(labels), task.n_classes))
+        n_members = min(config.n_estimators, 16)
         for given, asked in (halves, halves[::-1]):
-            cross[asked] = ensemble(Xc[:, given], yc[:, given], Xc[:, asked], min(config.n_estimators, 16))
-        return rescale(proba, fit_calibration(cross[fitted], labels[fitted]))
+            half = self._members(module, Xc[:, given], yc[:, given], task, config, n_members, device)
+            cross[asked] = self._ask(module, half, Xc[:, asked], task, config, n_members, device)
+        return NanoContext(ensemble, fit_calibration(cross[fitted], labels[fitted]))
+
+    def _members(self, module, Xc: Tensor, yc: Tensor, task: Task, config: NanoConfig, n_estimators: int, device):
+        """The ensemble on this context: ``[(fitted view, [(feature order, class shift, scaling), ...]), ...]``,
+        and each layer's ``(keys, values)`` with the members stacked on the batch axis in that order.
+
+        The members are shared out over the views in turn; within a view, member 0 takes the columns as the
+        view gives them and the others seeded permutations, each a cyclic class shift (as ``ensemble_predict``).
+        """
+        network = _network(module)
+        limit = self._input_limit(module, config)
+        n_views = len(config.preprocessing)
+        counts = [len(range(i, n_estimators, n_views)) for i in range(n_views)]
+        views, stacked, index = [], None, 0
+        for view, n_members in zip(config.preprocessing, counts):
+            if not n_members:
+                continue
+            fitted = FittedView(View(view), Xc, yc, limit)
+            width = fitted.context.shape[-1]
+            rng = np.random.default_rng(0)
+            members = []
+            for member in range(n_members):
+                order = np.arange(width) if member == 0 else rng.permutation(width)
+                shift = member % task.n_classes
+                encoded = network.encode_context(fitted.context[:, :, order].to(device),
+                                                 ((yc + shift) % task.n_classes).to(device))
+                if stacked is None:  # filled member by member: no second copy of every key and value
+                    stacked = [tuple(t.new_empty((sum(counts), *t.shape[1:])) for t in kv)
+                               for kv in encoded.keys_values]
+                for (keys, values), (k, v) in zip(stacked, encoded.keys_values):
+                    keys[index], values[index] = k[0], v[0]
+                members.append((order, shift, encoded.scaling))
+                index += 1
+            views.append((fitted, members))
+        return views, stacked
+
+    def _ask(self, module, ensemble, Xq: Tensor, task: Task, config: NanoConfig, n_estimators: int,
+             device) -> np.ndarray:
+        """The members' mean probabilities for the query rows: per view normalised, weighted by its members.
+
+        All members go through the query pass together, in chunks of rows that bound the attention scores."""
+        network = _network(module)
+        views, keys_values = ensemble
+        n_members, n_context = keys_values[0][0].shape[0], keys_values[0][0].shape[2]
+        chunk = max(1, ATTENTION_BUDGET // (n_members * n_context))
+        parts = []
+        for start in range(0, Xq.shape[1], chunk):
+            rows = []
+            for fitted, members in views:
+                Xq_view = fitted(Xq[:, start:start + chunk])
+                rows += [apply_scaling(Xq_view[:, :, order].to(device), scaling, network.max_features)
+                         for order, _, scaling in members]
+            logits = network.decode_queries(torch.cat(rows), keys_values)[..., : task.n_classes].float()
+            parts.append(torch.softmax(logits / config.softmax_temperature, dim=-1).cpu().numpy())
+        proba = np.concatenate(parts, axis=1)  # (members, query rows, classes)
+        total, index = 0.0, 0
+        for _, members in views:
+            view_total = 0.0
+            for _, shift, _ in members:
+                view_total = view_total + class_shift_probs(proba[index], shift)
+                index += 1
+            pred = view_total / len(members)
+            total = total + len(members) * (pred / pred.sum(axis=1, keepdims=True))
+        return total / max(n_estimators, 1)
 
     def lora_targets(self, module: nn.Module, prefixes):
         return [n for n, m in self.modules_under(module, prefixes).items() if isinstance(m, nn.Linear)], []

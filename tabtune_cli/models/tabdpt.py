@@ -30,22 +30,63 @@ over ``regression_bin_count`` equal bins on [``regression_bin_min``,
 centres, mapped back. Training minimises the cross-entropy of the query
 target's bin (targets outside the range fall in the edge bins).
 
-Context and retrieval. TabDPT was trained, and its estimator predicts on large
-tables, with *retrieved* context: per test row, the nearest training rows
-(``context_reduction="retrieval"``, FAISS L2 on standardised features). We do
-the same: ``predict`` gets the whole training split (``prediction_context``
-hands over every row); when it has at most ``max_context_rows`` rows, all of
-them are one shared context and queries go through in chunks; when it has more,
-each query row gets its own context, its ``max_context_rows`` nearest training
-rows (L2 on features standardised with the training rows' statistics), batched
-one query per context as the package does. Fine-tuning then trains on the same
-kind of context: when the training split exceeds ``max_context_rows``,
-``plan_episodes`` regroups each epoch's query rows into neighbourhoods (a random
-unvisited anchor row and its nearest unvisited rows) and gives each episode the
-rows nearest the anchor among the non-query rows as context, so the model is
-tuned on local, retrieved contexts rather than random ones it never sees at
-prediction. On a smaller split prediction uses all rows as context, and the
-trainer's random disjoint contexts are already that kind.
+Prediction is the package's own estimator. ``predict`` builds a ``TabDPTClassifier``
+/ ``TabDPTRegressor`` whose network is our module (the package's documented seam:
+its ``_load_model`` hands back a built module instead of reading a file), so the
+network that runs is the one we loaded, fine-tuned or LoRA-wrapped, and everything
+around it is the package's code: mean imputation and ``StandardScaler`` fitted on
+the context, feature shuffles and class permutations per ensemble member
+(``n_estimators`` -> ``n_ensembles``), the members' logits averaged then divided by
+``softmax_temperature``, regression's per-context target normalisation and bin
+expectation, and retrieval. TabDPT was trained, and its estimator predicts on large
+tables, with *retrieved* context (``context_reduction="retrieval"``, FAISS L2 on the
+scaled features): ``predict`` gets the whole training split (``prediction_context``
+hands over every row); up to ``max_context_rows`` rows they are one shared context,
+past it each query row gets its ``max_context_rows`` nearest training rows
+(``context_size``).
+
+The context is encoded once. The fitted estimator (imputer, scaler, training rows,
+FAISS index) depends only on the context and the module, and so, with one shared
+context, does each member's pass over the context rows: they attend to each other
+and to the thinking rows only, so every layer's keys and values of the context are
+the same for any query. The estimator's network is therefore ``ContextKeyValueModel``:
+the package calls it as it calls ``TabDPTModel`` (context and queries stacked), and
+it runs the context pass once per member context (``encode_context``, keyed on its
+content) and then the query rows alone against the kept keys and values
+(``query_outputs``, the model's own layers and normalisation; equal to its forward
+to float rounding, measured 0 on CPU). The fitted estimator with its keys and values
+(about 128 KB per context row and member at the released size) is kept in a
+``ContextCache`` until the weights or the context change, so repeated predicts on one
+fitted pipeline pay for the context once. Retrieval contexts, one per query row, go
+through the model's own forward.
+
+Where it deliberately differs from ``TabDPTClassifier(...).predict_proba`` /
+``ensemble_predict_proba`` (``TabDPTRegressor(...).predict``) at equal settings:
+
+* the seed: with more than one member it is 0 (the package's default, ``None``,
+  draws fresh permutations on every call); with one member it is ``None``, the
+  table as given, as the package does by default;
+* more classes than the head's ``max_num_classes``: tabtune's class hierarchy
+  (``predict_classes``) rather than the package's digit decomposition, because
+  fine-tuning trains on the hierarchy's within-group episodes;
+* a context missing some of the task's classes still gives a column for each class
+  (the package sizes its output by the classes it saw);
+* tables wider than the checkpoint's ``max_num_features`` are refused (the package
+  projects them with a randomised PCA, which fine-tuning could not follow);
+* no flash attention or bf16 autocast on CUDA (the package's default there), and in
+  retrieval mode queries go in batches of ``ROWS_PER_FORWARD // (context rows + 1)``
+  (the package's CPU default, 4,096 queries of a full context each, does not fit in
+  memory): neither changes a result beyond float rounding.
+
+Fine-tuning trains on the kind of context prediction uses: when the training split
+exceeds ``max_context_rows``, ``plan_episodes`` regroups each epoch's query rows into
+neighbourhoods (a random unvisited anchor row and its nearest unvisited rows) and
+gives each episode the rows nearest the anchor among the non-query rows as context,
+so the model is tuned on local, retrieved contexts rather than random ones it never
+sees at prediction. On a smaller split prediction uses all rows as context, and the
+trainer's random disjoint contexts are already that kind. The estimator's
+``StandardScaler`` is not applied in training: the model normalises and clips each
+feature by the context's statistics, which undoes any per-column affine map.
 
 LoRA. Every projection is a separate ``nn.Linear`` whose forward runs, so plain
 peft LoRA reaches them live (nothing packed, unlike TabICL). The seed's default
@@ -67,8 +108,10 @@ seed's name               module in ``tabdpt.model.TabDPTModel``
 from __future__ import annotations
 
 import dataclasses
-
+import hashlib
 import json
+import math
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,11 +123,11 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs
+from .base import ContextCache, ModelAdapter, Task
 
 REPO_ID = "Layer6/TabDPT"
 CHECKPOINT = "tabdpt1_3.safetensors"  # tabdpt.estimator._MODEL_NAME
-ROWS_PER_FORWARD = 65536  # query chunking: rows (context + query) per forward pass
+ROWS_PER_FORWARD = 65536  # retrieval batches: rows (contexts + queries) per forward pass
 
 
 def _model_class():
@@ -145,10 +188,14 @@ def _tabdpt_model(module: nn.Module):
     return next(m for m in module.modules() if isinstance(m, _model_class()))
 
 
-def _pad(X: Tensor, width: int) -> Tensor:
-    if X.shape[-1] > width:
-        raise TabTuneError(f"TabDPT reads at most {width} features; this table has {X.shape[-1]} after "
+def _check_width(n_features: int, width: int) -> None:
+    if n_features > width:
+        raise TabTuneError(f"TabDPT reads at most {width} features; this table has {n_features} after "
                            f"preprocessing (drop columns with dataset.drop_columns)")
+
+
+def _pad(X: Tensor, width: int) -> Tensor:
+    _check_width(X.shape[-1], width)
     return F.pad(X, (0, width - X.shape[-1]))
 
 
@@ -158,37 +205,171 @@ def _standardise_like(reference: Tensor, *others: Tensor) -> list[Tensor]:
     return [(t - mean) / std for t in (reference, *others)]
 
 
-def nearest_rows(X_pool: Tensor, X_query: Tensor, k: int) -> Tensor:
-    """(n_query, k) indices of each query's ``k`` nearest pool rows (L2 on pool-standardised features)."""
-    pool, query = _standardise_like(X_pool.float(), X_query.float())
-    parts = []
-    for start in range(0, len(query), 1024):
-        d = torch.cdist(query[start:start + 1024], pool)
-        parts.append(d.topk(k, dim=1, largest=False).indices)
-    return torch.cat(parts)
+@dataclasses.dataclass
+class EncodedContext:
+    """A stacked context as TabDPT's layers see it: its raw rows (for the query rows' normalisation, which
+    uses the context's statistics) and every layer's keys and values over the thinking and context rows."""
+
+    x_context: Tensor
+    keys_values: list
+
+
+def _attend(layer: nn.Module, x: Tensor, keys: Tensor, values: Tensor, n_keys: int) -> Tensor:
+    """One ``TransformerEncoderLayer``'s residual for rows ``x`` (batch, rows, width) attending to the
+    given keys and values: the layer's own submodules, in the order its forward uses them."""
+    B, L, _ = x.shape
+    h = layer.attn_norm(x)
+    q = layer.q_proj(h)
+    gate = torch.sigmoid(layer.q_gate(q))
+    q = layer.q_norm(q.view(B, L, layer.num_heads, layer.head_dim).transpose(1, 2))
+    scale = 1.0 / math.sqrt(layer.head_dim) * layer.get_scale_param(n_keys, device=q.device, dtype=q.dtype)
+    attn = F.scaled_dot_product_attention(q, keys, values, scale=scale).transpose(1, 2)
+    attn = layer.out_proj((attn * gate.unsqueeze(-1)).reshape(B, L, layer.num_heads * layer.head_dim))
+    return attn + layer.ff(layer.ff_norm(x + attn))
+
+
+def _features(model: nn.Module, x: Tensor, n_context: int) -> Tensor:
+    """TabDPT's input normalisation of ``x`` (rows, batch, features), statistics from its first ``n_context``
+    rows: the package's own ``clip_outliers`` / ``normalize_data``, as its eval-mode forward applies them."""
+    from tabdpt.utils import clip_outliers, normalize_data
+
+    x = clip_outliers(x, n_context, n_sigma=model.clip_sigma)
+    x = clip_outliers(normalize_data(x, n_context), n_context, n_sigma=model.clip_sigma)
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _label_embedding(model: nn.Module, layer: int, y: Tensor, is_cls: bool) -> Tensor:
+    if is_cls:
+        return model.cls_y_encoders[layer](y.long().clamp(min=0, max=model.n_out - 1))
+    return model.reg_y_encoders[layer](y.unsqueeze(-1))
+
+
+def encode_context(model: nn.Module, x_context: Tensor, y_context: Tensor, is_cls: bool) -> EncodedContext:
+    """The context pass of ``TabDPTModel`` (eval mode): each layer's keys and values of the thinking and
+    context rows, which attend to each other only. ``x_context`` is (1, rows, features), ``y_context`` (1, rows)."""
+    n_context, n_think = x_context.shape[1], model.n_thinking_rows
+    src = model.enc_norm(model.encoder(_features(model, x_context.transpose(0, 1), n_context)))
+    if n_think:
+        src = torch.cat([model.thinking_embed.unsqueeze(1).expand(n_think, src.shape[1], -1), src])
+    x = src.transpose(0, 1)  # (1, thinking + context rows, width)
+    keys_values = []
+    for i, layer in enumerate(model.transformer_encoder):
+        y = _label_embedding(model, i, y_context.transpose(0, 1), is_cls)
+        if n_think:
+            y = torch.cat([y.new_zeros(n_think, y.shape[1], y.shape[-1]), y])
+        h = layer.attn_norm(x)
+        shape = (x.shape[0], x.shape[1], layer.num_heads, layer.head_dim)
+        keys = layer.k_norm(layer.k_proj(h).view(shape).transpose(1, 2))
+        values = layer.v_proj(torch.cat([h, y.transpose(0, 1)], dim=-1)).view(shape).transpose(1, 2)
+        keys_values.append((keys, values))
+        if i + 1 < len(model.transformer_encoder):  # the last layer's context outputs feed nothing
+            x = x + _attend(layer, x, keys, values, x.shape[1])
+    return EncodedContext(x_context, keys_values)
+
+
+def query_outputs(model: nn.Module, context: EncodedContext, x_query: Tensor) -> Tensor:
+    """The query pass: (query rows, 1, outputs) for ``x_query`` (1, rows, features), as ``TabDPTModel``'s forward
+    gives them for these rows after the context."""
+    n_context = context.x_context.shape[1]
+    x = _features(model, torch.cat([context.x_context, x_query], dim=1).transpose(0, 1), n_context)[n_context:]
+    x = model.enc_norm(model.encoder(x)).transpose(0, 1)
+    n_keys = n_context + model.n_thinking_rows
+    for layer, (keys, values) in zip(model.transformer_encoder, context.keys_values):
+        x = x + _attend(layer, x, keys, values, n_keys)
+    return model.head(x.transpose(0, 1).float())
+
+
+class ContextKeyValueModel:
+    """``TabDPTModel`` as the package's estimator calls it, with each stacked context encoded once.
+
+    The estimator calls ``model(x_src=cat([context, queries]), y_src=context labels, is_cls=...)``; with one
+    stacked context (batch 1, eval mode) the context pass (``encode_context``) is kept under the context's
+    content and only the query rows go through the layers (``query_outputs``). A fitted estimator sees the
+    same ``n_estimators`` contexts (feature shuffles x class permutations) in every predict, so its repeated
+    predicts run the query rows alone. Retrieval batches (one context per query) and training go to the
+    model's own forward. Everything else the estimator reads (sizes, bins) is the model's."""
+
+    def __init__(self, model: nn.Module, size: int = 32):
+        self.model, self.size, self.contexts = model, size, OrderedDict()
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, x_src: Tensor, y_src: Tensor, is_cls: bool) -> Tensor:
+        model = self.model
+        if x_src.shape[0] != 1 or model.training:
+            return model(x_src=x_src, y_src=y_src, is_cls=is_cls)
+        n_context = y_src.shape[1]
+        x_context = x_src[:, :n_context]
+        digest = hashlib.blake2b(digest_size=16)
+        for t in (x_context, y_src):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        key = (digest.hexdigest(), tuple(x_context.shape), bool(is_cls))
+        if key in self.contexts:
+            self.hits += 1
+            self.contexts.move_to_end(key)
+        else:
+            self.misses += 1
+            self.contexts[key] = encode_context(model, x_context, y_src, is_cls)
+            while len(self.contexts) > self.size:
+                self.contexts.popitem(last=False)
+        return query_outputs(model, self.contexts[key], x_src[:, n_context:])
+
+
+def fitted_estimator(model: nn.Module, X_context: np.ndarray, y_context: np.ndarray, task: Task, device):
+    """The package's ``TabDPTClassifier`` / ``TabDPTRegressor`` running ``model``, fitted on the context.
+
+    Built as the package builds it, with retrieval past the context size, no flash attention and no
+    compilation; ``_load_model`` (which the package documents as the place to hand over a built
+    network) returns ``model`` instead of reading a file, wrapped so that each stacked context is encoded
+    once (``ContextKeyValueModel``). A classifier answers for all ``task.n_classes`` classes, whichever
+    the context holds.
+    """
+    from tabdpt import TabDPTClassifier, TabDPTRegressor
+    from tabdpt.estimator import TabDPTEstimator
+
+    class OnModule(TabDPTClassifier if task.is_classification else TabDPTRegressor):
+        def _load_model(self):
+            self.path, self.model = None, ContextKeyValueModel(model)
+
+    estimator = OnModule(normalizer="standard", context_reduction="retrieval", device=str(device),
+                         use_flash=False, compile=False, verbose=False)
+    TabDPTEstimator.fit(estimator, np.asarray(X_context), np.asarray(y_context))
+    if task.is_classification:  # TabDPTClassifier.fit, without sizing the output by the classes present
+        estimator.num_classes = task.n_classes
+    return estimator
 
 
 class TabDPTAdapter(ModelAdapter):
     name = "tabdpt"
     title = "TabDPT"
     tasks = ("classification", "regression")
-    max_classes = 10
-    limits = ("10 classes a head (more: class hierarchy); features <= the checkpoint's max_num_features; "
-              "past max_context_rows each query retrieves its nearest rows")
+    max_classes = 10  # the random sizes' head; a checkpoint's own max_num_classes replaces it (from_architecture)
+    limits = ("the checkpoint's max_num_classes a head (10 in random sizes; more: class hierarchy); features <= "
+              "the checkpoint's max_num_features; past max_context_rows each query retrieves its nearest rows")
     repo_id = REPO_ID
     checkpoints = {"classification": CHECKPOINT, "regression": CHECKPOINT}
     sizes = {
         "tiny": dict(emsize=16, nlayers=2, nhead=2, ff_dim=32, max_num_features=32, regression_bin_count=32),
         "small": dict(emsize=64, nlayers=4, nhead=4, ff_dim=128, max_num_features=64, regression_bin_count=64),
+        # the released architecture (tabdpt1_2 / tabdpt1_3: 63M parameters), for benchmarks on random weights
+        "official": dict(emsize=512, nlayers=32, nhead=8, ff_dim=512, y_encoder_dim=128, max_num_features=128,
+                         max_num_classes=16, regression_bin_count=2048, regression_bin_min=-10.0,
+                         regression_bin_max=10.0, min_eval_context=64, max_eval_context=1048576,
+                         n_thinking_rows=64),
     }
     # the seed's transformer_encoder, encoder, y_encoder, head under their real names (module docstring)
     default_lora_prefixes = ("transformer_encoder", "encoder", "y_encoder", "head")
 
+    def __init__(self):
+        self.context_cache = ContextCache(size=1)  # the fitted estimator of the last context, its keys and values
+        self.cache_context = True  # False: every predict fits the estimator and encodes its context anew
+
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:
-            architecture = {"cfg": _cfg(**self.random_size(config), max_num_classes=self.max_classes),
-                            "task": task.kind}
+            architecture = {"cfg": _cfg(**{"max_num_classes": 10, **self.random_size(config)}), "task": task.kind}
             return self.from_architecture(architecture), architecture
         path = self.checkpoint_file(config, task)
         cfg, state = read_checkpoint(path)
@@ -216,6 +397,7 @@ class TabDPTAdapter(ModelAdapter):
             max_len=m.max_eval_context, y_encoder_dim=m.y_encoder_dim, num_col_attn_layers=m.num_col_attn_layers,
             n_thinking_rows=m.get("n_thinking_rows", 0), use_flash=False)
         module.tabtune_task = architecture.get("task", "classification")
+        self.max_classes = int(m.max_num_classes)  # this checkpoint's head: wider tasks go through the hierarchy
         return module
 
     def write_checkpoint(self, module: nn.Module, architecture: dict, task: Task, path: Path) -> Path:
@@ -260,51 +442,30 @@ class TabDPTAdapter(ModelAdapter):
 
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        """The package's estimator on ``module``: ``ensemble_predict_proba`` / ``predict`` (module docstring)."""
         module.eval()
         model = _tabdpt_model(module)
-        rng = np.random.default_rng(0)
-        Xc_all = torch.as_tensor(X_context, device=device, dtype=torch.float32)
-        Xq_all = torch.as_tensor(X_query, device=device, dtype=torch.float32)
-        y_all = torch.as_tensor(y_context, device=device, dtype=torch.float32)
-        if not task.is_classification:
-            from tabdpt.utils import normalize_data
-
-            y_all, y_mean, y_std = normalize_data(y_all, return_mean_std=True)
+        _check_width(X_context.shape[1], model.num_features)
+        fit = lambda: fitted_estimator(model, X_context, y_context, task, device)  # noqa: E731
+        if self.cache_context:
+            cache, arrays = self.context_cache, (X_context, y_context)
+            settings = (task.kind, task.n_classes, str(device))
+            if cache.key(module, arrays, settings) not in cache.entries:
+                cache.entries.clear()  # let the old context's keys and values go before the new ones are built
+            estimator = cache.get(module, arrays, fit, settings)
+        else:
+            estimator = fit()
         cap = config.max_context_rows
-        neighbours = nearest_rows(Xc_all, Xq_all, cap) if len(Xc_all) > cap else None
-        total = None
-        for member in range(config.n_estimators):
-            order = torch.arange(Xc_all.shape[1]) if member == 0 else torch.as_tensor(rng.permutation(Xc_all.shape[1]))
-            shift = member % task.n_classes if task.is_classification else 0
-            yc = (y_all + shift) % task.n_classes if task.is_classification else y_all
-            Xc, Xq = Xc_all[:, order], Xq_all[:, order]
-            parts = []
-            if neighbours is None:  # one shared context, queries in chunks
-                chunk = max(1, ROWS_PER_FORWARD - len(Xc))
-                for start in range(0, len(Xq), chunk):
-                    parts.append(self._forward(module, Xc[None], yc[None], Xq[None, start:start + chunk],
-                                               task.is_classification)[0])
-            else:  # retrieval: each query with its own nearest training rows
-                chunk = max(1, ROWS_PER_FORWARD // (cap + 1))
-                for start in range(0, len(Xq), chunk):
-                    idx = neighbours[start:start + chunk]
-                    parts.append(self._forward(module, Xc[idx], yc[idx], Xq[start:start + chunk, None],
-                                               task.is_classification)[:, 0])
-            out = torch.cat(parts).float()
-            if task.is_classification:
-                pred = torch.softmax(out[:, : task.n_classes] / config.softmax_temperature, dim=-1).cpu().numpy()
-                pred = class_shift_probs(pred, shift)
-            else:
-                edges = torch.linspace(model.regression_bin_min, model.regression_bin_max,
-                                       model.regression_bin_count + 1, device=out.device)
-                centres = 0.5 * (edges[:-1] + edges[1:])
-                value = (torch.softmax(out[:, model.n_out:], dim=-1) * centres).sum(-1)
-                pred = (value * y_std + y_mean).cpu().numpy()
-            total = pred if total is None else total + pred
-        pred = total / config.n_estimators
+        # stacked context: the package's own query batches; retrieval: a bounded number of rows per forward
+        batch = None if len(X_context) <= cap else max(1, ROWS_PER_FORWARD // (cap + 1))
+        seed = None if config.n_estimators == 1 else 0
+        X_query = np.asarray(X_query)
         if task.is_classification:
-            pred = pred / pred.sum(axis=1, keepdims=True)
-        return pred
+            return estimator.ensemble_predict_proba(X_query, n_ensembles=config.n_estimators,
+                                                    temperature=config.softmax_temperature, context_size=cap,
+                                                    batch_size=batch, seed=seed)
+        return estimator.predict(X_query, n_ensembles=config.n_estimators, context_size=cap, batch_size=batch,
+                                 seed=seed)
 
     # -- context -------------------------------------------------------------------------------
     def prediction_context(self, labels, n_rows: int, config: ModelConfig, seed: int) -> np.ndarray:

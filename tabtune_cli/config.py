@@ -58,7 +58,11 @@ class StrategyConfig:
 
     # a plain string (not the enum) so Hydra accepts the value spelling "base-ft"
     name: str = "inference"
+    # training comes in epochs of steps_per_epoch optimizer steps, each epoch ending in a validation pass
+    # (early stopping counts epochs); so the amount of training does not grow or shrink with the table.
+    # steps_per_epoch null: an epoch is one pass over the training rows (episodes of query_size rows)
     epochs: int = 5
+    steps_per_epoch: Optional[int] = 50
     learning_rate: float = 1e-4
     batch_size: int = 4
     optimizer: Optimizer = Optimizer.adamw
@@ -71,6 +75,10 @@ class StrategyConfig:
     early_stopping_patience: Optional[int] = 3
     context_size: int = 512
     query_size: int = 128
+    # validation passes predict at most val_max_rows of the validation split (a seeded stratified subset;
+    # null: all) with at most val_n_estimators ensemble members (null: the model's n_estimators)
+    val_max_rows: Optional[int] = 512
+    val_n_estimators: Optional[int] = 4
     show_progress: bool = True
 
 
@@ -206,9 +214,10 @@ def check_strategy(s: StrategyConfig) -> None:
     if s.name not in allowed:
         raise TabTuneError(f"unknown strategy {s.name!r} (available: {', '.join(allowed)})")
     s.name = StrategyName(s.name)
-    positive = ["epochs", "batch_size", "gradient_accumulation_steps", "context_size", "query_size"]
+    positive = ["epochs", "steps_per_epoch", "batch_size", "gradient_accumulation_steps", "context_size",
+                "query_size", "val_max_rows", "val_n_estimators"]
     for key in positive:
-        if getattr(s, key) < 1:
+        if getattr(s, key) is not None and getattr(s, key) < 1:
             raise TabTuneError(f"strategy.{key} must be at least 1, got {getattr(s, key)}")
     if s.learning_rate <= 0:
         raise TabTuneError(f"strategy.learning_rate must be positive, got {s.learning_rate}")

@@ -218,7 +218,7 @@ def test_best_epoch_weights_are_restored(fitted):
     np.testing.assert_array_equal(np.concatenate([train.X, val.X]), pipe.context_X_)
     np.testing.assert_array_equal(np.concatenate([train.y, val.y]), pipe.context_y_)
     again = validate(pipe.adapter_, pipe.module_, pipe.task_, train, val, pipe.model_config_, CPU, SEED)
-    assert again == pytest.approx(pipe.train_result_.best_val, abs=1e-6)
+    assert again["log_loss"] == pytest.approx(pipe.train_result_.best_val, abs=1e-6)
 
 
 def test_training_keeps_the_start_when_no_epoch_beats_it(monkeypatch, split):
@@ -226,7 +226,7 @@ def test_training_keeps_the_start_when_no_epoch_beats_it(monkeypatch, split):
 
     X_train, y_train, _, _ = split
     scores = iter([0.5, 0.9, 0.8, 0.85])  # before training, then after epochs 1..3: all worse than the start
-    monkeypatch.setattr(trainer, "validate", lambda *args, **kwargs: next(scores))
+    monkeypatch.setattr(trainer, "validate", lambda *args, **kwargs: {"log_loss": next(scores)})
     params = {**TUNE_PARAMS["base-ft"], "epochs": 3, "early_stopping_patience": None}
     pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
     r = pipe.train_result_
@@ -243,7 +243,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeyp
 
     def fake_validate(adapter, module, *args, **kwargs):
         snapshots.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-        return [0.9, 0.6, 0.7, 0.8, 0.75, 0.1][len(snapshots) - 1]
+        return {"log_loss": [0.9, 0.6, 0.7, 0.8, 0.75, 0.1][len(snapshots) - 1]}
 
     monkeypatch.setattr(trainer, "validate", fake_validate)
     params = {**TUNE_PARAMS["base-ft"], "epochs": 5, "early_stopping_patience": 3}
@@ -256,6 +256,23 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeyp
     assert [h["val_log_loss"] for h in r.history if "val_log_loss" in h] == [0.9, 0.6, 0.7, 0.8, 0.75]
 
 
+@pytest.mark.parametrize("model_name,model_params,best_epoch", [
+    ("nano", {"n_estimators": 1}, 2),  # pretrained: epochs 1 and 3 rank the validation rows worse than the start
+    ("tabicl", TINY_MODEL, 3)])        # random weights: no ranking to keep, the lowest log loss wins
+def test_a_pretrained_start_is_replaced_only_by_weights_that_rank_as_well(monkeypatch, split, model_name,
+                                                                         model_params, best_epoch):
+    from tabtune_cli.tuning import trainer
+
+    X_train, y_train, _, _ = split
+    scores = iter([(0.5, 0.8), (0.4, 0.79), (0.45, 0.81), (0.3, 0.7)])
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: dict(zip(("log_loss", "roc_auc"), next(scores))))
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 3, "steps_per_epoch": 1, "early_stopping_patience": None}
+    r = fit_pipeline("base-ft", X_train, y_train, tuning_params=params, model_name=model_name,
+                     model_params=model_params).train_result_
+    assert (r.best_epoch, r.best_val, r.best_step) == (best_epoch, [0.5, 0.4, 0.45, 0.3][best_epoch], best_epoch)
+    assert [h["val_roc_auc"] for h in r.history if "val_roc_auc" in h] == [0.8, 0.79, 0.81, 0.7]
+
+
 def test_on_record_streams_every_step_and_validation(split):
     X_train, y_train, _, _ = split
     records = []
@@ -265,12 +282,80 @@ def test_on_record_streams_every_step_and_validation(split):
                             device="cpu", seed=SEED).fit(X_train, y_train, on_record=records.append)
     assert records == pipe2.train_result_.history
     steps = [h for h in records if "loss" in h]
-    # 216 training rows (10% held out), query 32 -> 7 episodes, batch 1 -> 7 steps per epoch
+    # steps_per_epoch 7: a validation after every 7th step
     assert [h["step"] for h in steps] == list(range(1, 15))
+    assert [h["step"] for h in records if "val_log_loss" in h] == [0, 7, 14]
     assert [h["epoch"] for h in records if "val_log_loss" in h] == [0, 1, 2]
     assert all(h["lr"] == params["learning_rate"] for h in steps)  # constant schedule
     assert pipe.train_result_.history == records  # same seed, same run
     assert pipe.rows_ == {"train": 216, "val": 24}
+
+
+@pytest.mark.parametrize("n_rows,steps_per_epoch,accumulation,expected", [
+    (100, 3, 1, 3), (240, 3, 1, 3),       # the same steps per epoch whatever the table's size
+    (100, 3, 2, 3),                        # optimizer steps, each of `accumulation` batches
+    (100, None, 1, 3), (240, None, 1, 7),  # null: one pass; 90 or 216 training rows, query 32
+    (240, None, 2, 4)])
+def test_an_epoch_is_steps_per_epoch_optimizer_steps(monkeypatch, n_rows, steps_per_epoch, accumulation, expected):
+    from tabtune_cli.tuning import trainer
+
+    monkeypatch.setattr(trainer, "validate", lambda *args, **kwargs: {"log_loss": 0.5})
+    X, y = make_table(n=n_rows)
+    batches = []
+    real = trainer._episode_tensors
+    monkeypatch.setattr(trainer, "_episode_tensors", lambda batch, *a: batches.append(len(batch)) or real(batch, *a))
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 2, "early_stopping_patience": None,
+              "steps_per_epoch": steps_per_epoch, "gradient_accumulation_steps": accumulation}
+    r = fit_pipeline("base-ft", X, y, tuning_params=params).train_result_
+    assert r.steps == 2 * expected and r.epochs_run == 2
+    assert [h["step"] for h in r.history if "val_log_loss" in h] == [0, expected, 2 * expected]
+    if steps_per_epoch is not None:  # full batches, drawn from pass after pass over the rows
+        assert batches == [1] * (2 * expected * accumulation)
+
+
+def test_training_walks_every_row_as_a_query_pass_after_pass(monkeypatch):
+    """Episodes run on across epochs: each pass over the training rows queries every row once."""
+    from tabtune_cli.tuning import trainer
+
+    monkeypatch.setattr(trainer, "validate", lambda *args, **kwargs: {"log_loss": 0.5})
+    real, queries = trainer._episode_tensors, []
+
+    def collect(batch, *args):
+        queries.extend(e.query for e in batch)
+        return real(batch, *args)
+
+    monkeypatch.setattr(trainer, "_episode_tensors", collect)
+    X, y = make_table(n=100)  # 90 training rows, query 32 -> 3 episodes a pass (the last reaches back)
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 3, "steps_per_epoch": 2, "early_stopping_patience": None}
+    fit_pipeline("base-ft", X, y, tuning_params=params)
+    assert len(queries) == 6
+    for start in (0, 3):  # two passes of three episodes, across the epochs' boundaries
+        assert set(np.concatenate(queries[start:start + 3])) == set(range(90))
+
+
+def test_validation_predicts_a_capped_stratified_subset_with_few_members(monkeypatch, split):
+    from tabtune_cli.tuning import trainer
+
+    X_train, y_train, _, _ = split
+    seen = []
+
+    def fake_validate(adapter, module, task, train, val, model_config, device, seed):
+        seen.append((len(val.y), sorted(set(val.y.tolist())), model_config.n_estimators))
+        return {"log_loss": 0.5}
+
+    monkeypatch.setattr(trainer, "validate", fake_validate)
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 1, "steps_per_epoch": 1, "val_max_rows": 10,
+              "val_n_estimators": 2}
+    pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params, model_params={**TINY_MODEL, "n_estimators": 3})
+    assert seen == [(10, [0, 1], 2)] * 2  # the start and epoch 1; both classes kept
+    assert pipe.model_config_.n_estimators == 3  # prediction keeps the model's members
+    seen.clear()
+    fit_pipeline("base-ft", X_train, y_train, model_params={**TINY_MODEL, "n_estimators": 3},
+                 tuning_params={**params, "val_max_rows": None, "val_n_estimators": None})
+    assert seen == [(24, [0, 1], 3)] * 2  # null: every validation row (10% of 240), the model's members
+    seen.clear()
+    fit_pipeline("base-ft", X_train, y_train, tuning_params={**params, "val_n_estimators": 4})
+    assert seen[0][2] == 1  # never more members than the model's own
 
 
 def test_predict_and_evaluate_agree_with_predict_proba(fitted, split):
@@ -685,6 +770,8 @@ def test_cuda_without_a_gpu_is_refused(split):
 
 
 @pytest.mark.parametrize("key,value,message", [("epochs", 0, "strategy.epochs must be at least 1"),
+                                               ("steps_per_epoch", 0, "strategy.steps_per_epoch must be at least 1"),
+                                               ("val_n_estimators", 0, "strategy.val_n_estimators must be at least"),
                                                ("learning_rate", -1e-3, "learning_rate must be positive"),
                                                ("optimizer", "adam", "'adam' is not one of: adamw, sgd")])
 def test_bad_strategy_values_are_named(split, key, value, message):

@@ -2,16 +2,24 @@
 
 Episodic: each step feeds a batch of episodes (context rows with labels, disjoint
 query rows) through the adapter's differentiable forward and takes the loss on the
-query rows. After every epoch the validation split is predicted through the
-inference path with the training split as context; the best epoch's trainable
-weights are restored at the end, and training stops early when validation has
-not improved for ``early_stopping_patience`` epochs.
+query rows. Episodes come from successive passes over the training rows, and an
+epoch is ``steps_per_epoch`` optimizer steps whatever the table's size (null: one
+pass), so a small table trains as long as a large one. After every epoch the
+validation split (at most ``val_max_rows`` of it) is predicted through the inference
+path, with at most ``val_n_estimators`` ensemble members and the training split as
+context; the best epoch's trainable weights are restored at the end (the starting
+weights compete as epoch 0, so training that only hurts is not kept; a pretrained
+start is replaced only by weights whose validation ROC AUC is at least its own), and
+training stops early when validation has not improved for ``early_stopping_patience``
+epochs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,7 +33,7 @@ from ..config import ModelConfig, StrategyConfig
 from ..errors import TabTuneError
 from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
 from ..models.base import ModelAdapter, Task, predict_classes
-from .episodes import epoch_episodes
+from .episodes import context_rows, epoch_episodes
 
 log = logging.getLogger("tabtune")
 
@@ -44,6 +52,9 @@ class TrainResult:
     epochs_run: int
     steps: int
     history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    seconds: float = 0.0
+    val_seconds: float = 0.0  # of ``seconds``, spent in validation passes (the start's included)
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -82,13 +93,15 @@ def _optimizer(module: nn.Module, params: list, strategy: StrategyConfig, lr_rat
 
 
 def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split, val: Split,
-             model_config: ModelConfig, device: torch.device, seed: int) -> float:
-    """The validation metric (lower is better) with the training split as context."""
+             model_config: ModelConfig, device: torch.device, seed: int) -> dict[str, float | None]:
+    """The validation metrics with the training split as context: the watched one (lower is better; see
+    ``VALIDATION_METRIC``) and, for classification, ROC AUC."""
     labels = train.y if task.is_classification else None
     ctx = adapter.prediction_context(labels, len(train.y), model_config, seed)
     pred = predict_classes(adapter, module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
+    metrics = compute_metrics(task.kind, val.y, pred)
     name, _ = VALIDATION_METRIC[task.kind]
-    return compute_metrics(task.kind, val.y, pred)[name]
+    return {name: metrics[name], **({"roc_auc": metrics["roc_auc"]} if task.is_classification else {})}
 
 
 def _episode_tensors(batch, X_all: torch.Tensor, y_all: torch.Tensor, device: torch.device):
@@ -108,6 +121,20 @@ def _episode_tensors(batch, X_all: torch.Tensor, y_all: torch.Tensor, device: to
     return Xc, yc, Xq, yq
 
 
+def validation_setup(task: Task, val_split: Split, strategy: StrategyConfig, model_config: ModelConfig,
+                     seed: int) -> tuple[Split, ModelConfig]:
+    """The validation rows and model settings a validation pass uses: the split capped at ``val_max_rows``
+    (seeded, stratified) and at most ``val_n_estimators`` ensemble members."""
+    if strategy.val_max_rows is not None and len(val_split.y) > strategy.val_max_rows:
+        keep = context_rows(val_split.y if task.is_classification else None, len(val_split.y),
+                            strategy.val_max_rows, seed)
+        val_split = Split(val_split.X[keep], val_split.y[keep])
+    members = getattr(model_config, "n_estimators", None)
+    if strategy.val_n_estimators is not None and members is not None and members > strategy.val_n_estimators:
+        model_config = dataclasses.replace(model_config, n_estimators=strategy.val_n_estimators)
+    return val_split, model_config
+
+
 def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
           on_record: Callable[[dict], None] | None = None, on_best: Callable[[nn.Module], None] | None = None,
@@ -116,6 +143,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
 
     ``on_best(module)`` runs whenever validation improves (``save_checkpoint_path``); ``lr_ratio`` is
     LoRA+ (peft's optimizer: the B matrices learn at ``lr_ratio`` x the learning rate)."""
+    started = time.perf_counter()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TabTuneError("nothing to train: the model has no trainable parameters")
@@ -123,16 +151,39 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     n_rows = len(train_split.y)
     query_size = min(strategy.query_size, max(1, n_rows // 2))
     labels = train_split.y if task.is_classification else None
+    rng = np.random.default_rng(seed)
 
-    def episodes_of(rng):
-        return epoch_episodes(labels, n_rows, strategy.context_size, query_size, rng,
+    def sample(generator: np.random.Generator) -> list:
+        return epoch_episodes(labels, n_rows, strategy.context_size, query_size, generator,
                               n_features=train_split.X.shape[1], n_classes=task.n_classes or None,
                               max_classes=adapter.max_classes)
 
-    episodes_per_epoch = len(episodes_of(np.random.default_rng(0)))
-    batches_per_epoch = math.ceil(episodes_per_epoch / strategy.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / strategy.gradient_accumulation_steps)
+    def one_pass() -> list:
+        episodes = sample(rng)
+        if not task.is_classification or task.n_classes <= (adapter.max_classes or task.n_classes):
+            # class-grouped episodes (more classes than the head) keep the sampler's groups
+            episodes = adapter.plan_episodes(episodes, train_split.X, model_config, rng)
+        return episodes
+
+    def stream():
+        while True:
+            yield from one_pass()
+
+    accumulation, batch_size = strategy.gradient_accumulation_steps, strategy.batch_size
+    if strategy.steps_per_epoch is None:  # an epoch is one pass: its batches, the last one maybe short
+        per_pass = len(sample(np.random.default_rng(0)))
+        steps_per_epoch = math.ceil(math.ceil(per_pass / batch_size) / accumulation)
+    else:
+        steps_per_epoch = strategy.steps_per_epoch
+        episodes = stream()
     total_steps = steps_per_epoch * strategy.epochs
+
+    def epoch_batches() -> list[list]:
+        if strategy.steps_per_epoch is None:
+            ep = one_pass()
+            return [ep[i:i + batch_size] for i in range(0, len(ep), batch_size)]
+        return [[next(episodes) for _ in range(batch_size)] for _ in range(steps_per_epoch * accumulation)]
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(strategy.scheduler.value, strategy.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(device.type) if strategy.mixed_precision.value == "fp16" else None
@@ -145,16 +196,28 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         if on_record is not None:
             on_record(entry)
 
-    rng = np.random.default_rng(seed)
     X_all = torch.as_tensor(train_split.X, device=device)
     y_all = torch.as_tensor(train_split.y, device=device)
     metric_name, _ = VALIDATION_METRIC[task.kind]
+    val_split, val_config = validation_setup(task, val_split, strategy, model_config, seed)
+    val_seconds = 0.0
 
-    val_before = validate(adapter, module, task, train_split, val_split, model_config, device, seed)
-    record({"epoch": 0, "step": 0, f"val_{metric_name}": val_before})
+    def validation() -> dict:
+        nonlocal val_seconds
+        began = time.perf_counter()
+        scores = validate(adapter, module, task, train_split, val_split, val_config, device, seed)
+        val_seconds += time.perf_counter() - began
+        return scores
+
+    start = validation()
+    val_before = start[metric_name]
+    record({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in start.items()}})
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    # the starting weights compete too: training that only makes validation worse is not kept
-    best_val, best_epoch, stale, step = val_before, 0, 0, 0
+    # The starting weights compete too: training that only makes validation worse is not kept. A pretrained
+    # start also keeps its ranking: a lower log loss (often only calibration) at a lower ROC AUC than the
+    # start's on the validation rows does not replace it, since such weights rank test rows worse too.
+    guard_auc = model_config.pretrained and start.get("roc_auc") is not None
+    best_val, best_epoch, best_step, stale, step = val_before, 0, 0, 0, 0
     best_state = {n: p.detach().clone() for n, p in trainable.items()}
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -165,11 +228,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         bar = progress.add_task("fine-tuning", total=total_steps, status="")
         for epoch in range(1, strategy.epochs + 1):
             module.train()
-            episodes = episodes_of(rng)
-            if not task.is_classification or task.n_classes <= (adapter.max_classes or task.n_classes):
-                # class-grouped episodes (more classes than the head) keep the sampler's groups
-                episodes = adapter.plan_episodes(episodes, train_split.X, model_config, rng)
-            batches = [episodes[i:i + strategy.batch_size] for i in range(0, len(episodes), strategy.batch_size)]
+            batches = epoch_batches()
             optimizer.zero_grad(set_to_none=True)
             running = []
             for b, batch in enumerate(batches):
@@ -182,11 +241,11 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 if not torch.isfinite(loss):
                     raise TabTuneError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
                                        f"lower strategy.learning_rate (now {strategy.learning_rate})")
-                scaled = loss / strategy.gradient_accumulation_steps
+                scaled = loss / accumulation
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.item())
                 last = b == len(batches) - 1
-                if (b + 1) % strategy.gradient_accumulation_steps == 0 or last:
+                if (b + 1) % accumulation == 0 or last:
                     if scaler:
                         scaler.unscale_(optimizer)
                     if strategy.max_grad_norm:
@@ -199,11 +258,13 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                     scheduler.step()
                     progress.update(bar, advance=1, status=f"epoch {epoch} loss {np.mean(running):.4f}")
                     running = []
-            val = validate(adapter, module, task, train_split, val_split, model_config, device, seed)
-            record({"epoch": epoch, "step": step, f"val_{metric_name}": val})
+            scores = validation()
+            val = scores[metric_name]
+            record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in scores.items()}})
             progress.update(bar, status=f"epoch {epoch} val {metric_name} {val:.4f}")
-            if val < best_val:
-                best_val, best_epoch, stale = val, epoch, 0
+            ranks_as_well = not guard_auc or (scores["roc_auc"] or 0.0) >= start["roc_auc"]
+            if val < best_val and ranks_as_well:
+                best_val, best_epoch, best_step, stale = val, epoch, step, 0
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
                 if on_best is not None:
                     on_best(module)
@@ -212,11 +273,12 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 if strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience:
                     break
     if best_epoch == 0:
-        log.warning("no epoch improved validation %s (%.4f before training): keeping the starting weights",
-                    metric_name, val_before)
+        log.warning("no epoch improved validation %s (%.4f before training)%s: keeping the starting weights",
+                    metric_name, val_before, " without lowering its ROC AUC" if guard_auc else "")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(best_state[n])
     module.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, val_before=val_before, epochs_run=epoch,
-                       steps=step, history=history)
+                       steps=step, history=history, best_step=best_step, seconds=time.perf_counter() - started,
+                       val_seconds=val_seconds)

@@ -6,6 +6,8 @@ or network is needed and the whole suite stays fast.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,3 +92,13 @@ def fitted(split):
 def _deterministic():
     torch.manual_seed(SEED)
     yield
+
+
+class Bomb:
+    """Unpickling this touches a file: proof that a loader executed it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 
 import numpy as np
@@ -21,7 +20,7 @@ from tabtune_cli.models.nano import NanoAdapter
 from tabtune_cli.tuning import lora
 from tabtune_cli.tuning.trainer import _optimizer
 
-from conftest import TINY_MODEL, TUNE_PARAMS, fit_pipeline
+from conftest import Bomb, TINY_MODEL, TUNE_PARAMS, fit_pipeline
 
 PEFT = {**TUNE_PARAMS["peft"], "epochs": 2}
 
@@ -94,16 +93,6 @@ def test_a_one_file_save_is_safetensors_and_reloads(split, tmp_path):
     assert json.loads(meta["file:pipeline.json"])["tuning_strategy"] == "peft"
     loaded = TabularPipeline.load(path)
     np.testing.assert_array_equal(loaded.predict_proba(X_test), pipe.predict_proba(X_test))
-
-
-class Bomb:
-    """Unpickling this touches a file: proof that a loader executed it."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.parametrize("target", ["x.joblib", "model.safetensors", "adapter_model.safetensors"])

@@ -4,7 +4,6 @@ is fetched unless downloads are allowed."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import socket
 
@@ -15,17 +14,7 @@ from tabtune_cli import TabTuneError, TabularPipeline
 from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import ADAPTERS
 
-from conftest import TINY_MODEL, make_table
-
-
-class Bomb:
-    """Unpickling this touches a file: proof that a loader executed it."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from conftest import Bomb, TINY_MODEL, make_table
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".safetensors"])

@@ -5,10 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..config import StrategyName
+from ..config import StrategyName, conf_dir
 from ..data.builtin import BUILTIN
-from ..hydra_conf import conf_dir
-from ..models.registry import ADAPTERS
+from ..models.registry import SPECS
 
 
 def run(argv: list[str]) -> int:
@@ -16,9 +15,9 @@ def run(argv: list[str]) -> int:
     models = Table(title="models (model=<name>)")
     for col in ("name", "model", "tasks", "limits", "random sizes", "default LoRA targets"):
         models.add_column(col)
-    for name, cls in sorted(ADAPTERS.items()):
-        models.add_row(name, cls.title, ", ".join(cls.tasks), cls.limits, ", ".join(cls.sizes),
-                       "\n".join(cls.default_lora_prefixes))
+    for name, spec in sorted(SPECS.items()):
+        models.add_row(name, spec.title, ", ".join(spec.tasks), spec.limits, ", ".join(spec.sizes),
+                       "\n".join(spec.default_lora_prefixes))
     console.print(models)
 
     strategies = Table(title="strategies (strategy=<name>)")
@@ -38,6 +37,31 @@ def run(argv: list[str]) -> int:
         source = f"scikit-learn built-in ({BUILTIN[name][1]})" if name in BUILTIN else "your file: dataset.path=..."
         datasets.add_row(name, source)
     console.print(datasets)
+    experiments = Table(title="experiments (experiment=<name>; every run of one: tabtune train -m experiment=<name>)")
+    experiments.add_column("name")
+    experiments.add_column("setup")
+    for path in sorted((conf_dir() / "experiment").glob("*.yaml")):
+        experiments.add_row(path.stem, _described(path))
+    console.print(experiments)
     presets = ", ".join(p.stem for p in sorted((conf_dir() / "debug").glob("*.yaml")))
     console.print(f"presets: debug=<{presets}>")
+    searches = ", ".join(p.stem for p in sorted((conf_dir() / "hparams_search").glob("*.yaml")))
+    console.print(f"hyperparameter search: hparams_search=<{searches}>")
+    launchers = ", ".join(["joblib", *(p.stem for p in sorted((conf_dir() / "hydra" / "launcher").glob("*.yaml")))])
+    console.print(f"sweep launchers: hydra/launcher=<{launchers}> (README: Sweeps)")
     return 0
+
+
+def _described(path) -> str:
+    """A shipped config's own description: its first comment lines, up to the first usage example."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or line.startswith("# @package"):
+            if lines:
+                break
+            continue
+        text = line.lstrip("# ").rstrip()
+        if text.startswith("tabtune "):
+            break
+        lines.append(text)
+    return " ".join(lines).rstrip(":")

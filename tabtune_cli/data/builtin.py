@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..errors import TabTuneError
+
+if TYPE_CHECKING:  # `tabtune ls` reads BUILTIN without importing pandas
+    import pandas as pd
 
 # name -> (scikit-learn loader, task)
 BUILTIN = {

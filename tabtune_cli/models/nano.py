@@ -44,9 +44,7 @@ cache off); ``NanoICL.forward`` itself runs as context pass then query pass.
 from __future__ import annotations
 
 import json
-from importlib import resources
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
@@ -62,40 +60,10 @@ from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ContextCache, ModelAdapter, Task, class_shift_probs, load_weights
+from .specs.nano import NanoConfig, NanoSpec, View, shipped_checkpoint
 
 CLIP = 5.0
 TAIL = 1e-7  # the quantile view maps onto [-5.2, 5.2]
-
-
-class View(str, Enum):
-    """How an ensemble member sees the features: as given (the model standardises them), their quantiles,
-    or the principal components of all columns."""
-
-    standard = "standard"
-    quantile = "quantile"
-    pca = "pca"
-
-
-@dataclass
-class NanoConfig(ModelConfig):
-    """nano's keys: the shared ones plus how a user's table is shown to the model."""
-
-    name: str = "nano"
-    n_estimators: int = 64
-    max_input_features: int = 30
-    one_hot_max_levels: int = 16
-    preprocessing: List[View] = field(default_factory=lambda: list(View))
-    # rescale the ensemble's log-probabilities and shift each class's, fitted to context rows that the
-    # other half of the context predicts (the ensemble alone is underconfident)
-    calibrate: bool = True
-
-    def __post_init__(self):
-        if self.one_hot_max_levels < 0:
-            raise TabTuneError(f"model.one_hot_max_levels: must be 0 or more, got {self.one_hot_max_levels}")
-        if self.max_input_features < 1:
-            raise TabTuneError(f"model.max_input_features: must be at least 1, got {self.max_input_features}")
-        if not self.preprocessing:
-            raise TabTuneError(f"model.preprocessing: name at least one view ({', '.join(v.value for v in View)})")
 
 
 def class_separation(X_context: Tensor, y_context: Tensor) -> Tensor:
@@ -335,11 +303,6 @@ class NanoICL(nn.Module):
         return self.decoder(self.norm(h))
 
 
-def shipped_checkpoint() -> Path:
-    """The pretrained weights inside the package."""
-    return Path(str(resources.files("tabtune_cli") / "weights" / "nano.safetensors"))
-
-
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """``(architecture, state_dict)`` of a nano checkpoint: safetensors with its config in the metadata."""
     try:
@@ -376,29 +339,10 @@ def _network(module) -> NanoICL:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-class NanoAdapter(ModelAdapter):
-    name = "nano"
-    title = "nano"
-    config_class = NanoConfig
-    tasks = ("classification",)
-    max_classes = 10
-    limits = "10 classes a head (more: class hierarchy); wider than max_input_features: the most separating columns"
-    sizes = {"tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
-             "small": dict(d_model=128, n_layers=6, n_heads=4, d_ff=256)}
-    default_lora_prefixes = ("blocks", "decoder")
-
+class NanoAdapter(NanoSpec, ModelAdapter):
     def __init__(self):
         self.context_cache = ContextCache(size=1)  # the encoded context of the last predict
         self.cache_context = True  # False: every predict encodes its context anew
-
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
-        if not config.pretrained:
-            return None
-        path = Path(config.checkpoint).expanduser() if config.checkpoint else shipped_checkpoint()
-        if not path.is_file():
-            where = "model.checkpoint" if config.checkpoint else "the package's nano weights"
-            raise TabTuneError(f"{where}: no such file {str(path)!r}")
-        return path
 
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:

@@ -78,7 +78,6 @@ reference: the result is the normalised geometric mean of the members' hierarchy
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +91,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
+from .specs.orion_bix import CHECKPOINTS, OrionBixConfig, OrionBixSpec  # noqa: F401 (OrionBixConfig: re-exported)
 from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container, write_container
 
-REPO_ID = "Lexsi/Orion-BiX"
-CHECKPOINTS = {"classification": "Orion-BiX-v1.1.ckpt"}
 SKIP_VALUE = -100.0
 NUM_GROUPS = 4  # the reference's grouped attention always uses 4 contiguous feature groups
 HIERARCHY_TEMPERATURE = 0.9  # the reference's tree leaves always use its default temperature
@@ -474,31 +472,7 @@ CONSTRUCTOR_KEYS = tuple(name for name, p in inspect.signature(OrionBix.__init__
 # -- the adapter ---------------------------------------------------------------------------------
 
 
-@dataclass
-class OrionBixConfig(ModelConfig):
-    name: str = "orionbix"
-    n_estimators: int = 32  # the reference wrapper's default
-
-
-class OrionBixAdapter(ModelAdapter):
-    name = "orionbix"
-    title = "OrionBix"
-    config_class = OrionBixConfig
-    tasks = ("classification",)
-    max_classes = 10
-    native_many_classes = True  # the eval forward builds the reference's class hierarchy itself
-    limits = "10 classes a head (more: OrionBix's own hierarchy); context <= max_context_rows"
-    repo_id = REPO_ID
-    checkpoints = CHECKPOINTS
-    sizes = {
-        "tiny": dict(embed_dim=16, col_num_blocks=1, col_nhead=2, row_num_blocks=2, row_nhead=2, row_num_cls=4,
-                     icl_num_blocks=2, icl_nhead=2),
-        "small": dict(embed_dim=32, col_num_blocks=2, col_nhead=4, row_num_blocks=2, row_nhead=4, row_num_cls=4,
-                      icl_num_blocks=4, icl_nhead=4),
-    }
-    default_lora_prefixes = ("col_embedder.tf_col", "bi_axial_attention", "icl_predictor.tf_icl",
-                             "icl_predictor.decoder")
-
+class OrionBixAdapter(OrionBixSpec, ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:

@@ -98,7 +98,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +111,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ModelAdapter, Task, ensemble_predict, load_weights
+from .specs.orion_msp import CHECKPOINTS, OrionMSPConfig, OrionMSPSpec  # noqa: F401 (OrionMSPConfig: re-exported)
 from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container, write_container
 
-REPO_ID = "Lexsi/Orion-MSP"
-CHECKPOINTS = {"classification": "Orion-MSP-v1.0.ckpt"}
 # rows of queries per attention call when queries see only the context and themselves
 QUERY_CHUNK = 1024
 
@@ -464,17 +462,6 @@ def _randomise_zero_init(module: nn.Module) -> None:
             block.linear2.reset_parameters()
 
 
-@dataclass
-class OrionMSPConfig(ModelConfig):
-    """OrionMSP's keys: the shared ones plus whether query rows are kept apart (module docstring)."""
-
-    name: str = "orionmsp"
-    n_estimators: int = 32  # the reference wrapper's default
-    # false: the reference's computation, where the Perceiver memory's read layers let every row attend to
-    # every query row, so a query's prediction depends on which other queries share its batch
-    isolate_queries: bool = True
-
-
 def _set_isolation(module: nn.Module, config: ModelConfig | None) -> None:
     """Point every OrionMSP inside ``module`` (peft may wrap it) at the run's ``isolate_queries``."""
     isolate = getattr(config, "isolate_queries", True)
@@ -483,26 +470,7 @@ def _set_isolation(module: nn.Module, config: ModelConfig | None) -> None:
             sub.isolate_queries = isolate
 
 
-class OrionMSPAdapter(ModelAdapter):
-    name = "orionmsp"
-    title = "OrionMSP"
-    config_class = OrionMSPConfig
-    tasks = ("classification",)
-    max_classes = 10
-    native_many_classes = True  # the module's eval path builds the reference's class hierarchy
-    limits = "10 classes a head (more: OrionMSP's own hierarchy); context <= max_context_rows"
-    repo_id = REPO_ID
-    checkpoints = CHECKPOINTS
-    sizes = {
-        "tiny": dict(embed_dim=16, col_num_blocks=1, col_nhead=2, col_num_inds=8, row_num_blocks=3, row_nhead=2,
-                     row_num_cls=2, row_num_global=2, icl_num_blocks=2, icl_nhead=2, perc_num_latents=4,
-                     perc_layers=1),
-        "small": dict(embed_dim=64, col_num_blocks=1, col_nhead=4, col_num_inds=32, row_num_blocks=3, row_nhead=4,
-                      row_num_cls=4, row_num_global=2, icl_num_blocks=4, icl_nhead=4, perc_num_latents=16,
-                      perc_layers=1),
-    }
-    default_lora_prefixes = ("col_embedder.tf_col", "row_interactor", "icl_predictor.tf_icl", "icl_predictor.decoder")
-
+class OrionMSPAdapter(OrionMSPSpec, ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         if not config.pretrained:

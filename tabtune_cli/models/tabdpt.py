@@ -124,9 +124,7 @@ from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from .base import ContextCache, ModelAdapter, Task
-
-REPO_ID = "Layer6/TabDPT"
-CHECKPOINT = "tabdpt1_3.safetensors"  # tabdpt.estimator._MODEL_NAME
+from .specs.tabdpt import CHECKPOINT, TabDPTSpec
 ROWS_PER_FORWARD = 65536  # retrieval batches: rows (contexts + queries) per forward pass
 
 
@@ -341,27 +339,7 @@ def fitted_estimator(model: nn.Module, X_context: np.ndarray, y_context: np.ndar
     return estimator
 
 
-class TabDPTAdapter(ModelAdapter):
-    name = "tabdpt"
-    title = "TabDPT"
-    tasks = ("classification", "regression")
-    max_classes = 10  # the random sizes' head; a checkpoint's own max_num_classes replaces it (from_architecture)
-    limits = ("the checkpoint's max_num_classes a head (10 in random sizes; more: class hierarchy); features <= "
-              "the checkpoint's max_num_features; past max_context_rows each query retrieves its nearest rows")
-    repo_id = REPO_ID
-    checkpoints = {"classification": CHECKPOINT, "regression": CHECKPOINT}
-    sizes = {
-        "tiny": dict(emsize=16, nlayers=2, nhead=2, ff_dim=32, max_num_features=32, regression_bin_count=32),
-        "small": dict(emsize=64, nlayers=4, nhead=4, ff_dim=128, max_num_features=64, regression_bin_count=64),
-        # the released architecture (tabdpt1_2 / tabdpt1_3: 63M parameters), for benchmarks on random weights
-        "official": dict(emsize=512, nlayers=32, nhead=8, ff_dim=512, y_encoder_dim=128, max_num_features=128,
-                         max_num_classes=16, regression_bin_count=2048, regression_bin_min=-10.0,
-                         regression_bin_max=10.0, min_eval_context=64, max_eval_context=1048576,
-                         n_thinking_rows=64),
-    }
-    # the seed's transformer_encoder, encoder, y_encoder, head under their real names (module docstring)
-    default_lora_prefixes = ("transformer_encoder", "encoder", "y_encoder", "head")
-
+class TabDPTAdapter(TabDPTSpec, ModelAdapter):
     def __init__(self):
         self.context_cache = ContextCache(size=1)  # the fitted estimator of the last context, its keys and values
         self.cache_context = True  # False: every predict fits the estimator and encodes its context anew

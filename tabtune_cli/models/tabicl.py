@@ -7,13 +7,16 @@ with ``weights_only=True``.
 LoRA. TabICL's attention keeps q/k/v in one packed ``in_proj_weight`` and reads
 ``out_proj.weight`` straight into ``F.linear``, so ``out_proj``'s own forward
 never runs and a peft adapter on it would never touch the output. We therefore
-(1) target the packed ``in_proj_weight`` with peft's ``target_parameters``
-(peft parametrizes it during the attention's forward), and (2) give every
-attention module a forward that ends by *calling* ``out_proj`` — the packed
-kernel is handed an identity projection instead — so a plain peft LoRA layer on
-``out_proj`` is live. The module tree and state-dict keys are unchanged, so
-official checkpoints load as they are and peft's own ``PeftModel.from_pretrained``
-restores the adapters on any module this adapter builds.
+(1) target the packed ``in_proj_weight`` with peft's ``target_parameters``, and
+(2) give every attention module a forward of its own (``LiveOutProjAttention``,
+tabicl's steps with its projections as calls) that *calls* ``out_proj``, so a
+plain peft LoRA layer on it is live, and computes q/k/v as ``x·Wᵀ`` plus the
+adapters' ``scaling·(x·Aᵀ)·Bᵀ`` (``lora.packed_linear``; peft itself would rebuild
+``W + B·A`` on every call and compute its full-size gradient, ``tuning/lora_layers.py``).
+The module tree and state-dict keys are unchanged, so official checkpoints load
+as they are and peft's own ``PeftModel.from_pretrained`` restores the adapters on
+any module this adapter builds. ``strategy.gradient_checkpointing`` turns on
+tabicl's own ``recompute`` (each transformer block checkpointed in training).
 
 Prediction is tabicl's own recipe, run by tabicl's own estimator. ``predict`` hands the module to a
 ``TabICLClassifier`` / ``TabICLRegressor`` (the package's fine-tuner injects its model the same way)
@@ -62,12 +65,11 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
+from ..tuning import lora
 from .base import ContextCache, ModelAdapter, Task, load_weights
+from .specs.tabicl import CHECKPOINTS, TabICLSpec
 
-REPO_ID = "jingang/TabICL"
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-CHECKPOINTS = {"classification": "tabicl-classifier-v2-20260212.ckpt",
-               "regression": "tabicl-regressor-v2-20260212.ckpt"}
 QUERY_CHUNK = 8192  # query rows per estimator call (with the context's keys/values cached)
 
 
@@ -105,7 +107,13 @@ def write_container(path: Path, config: dict, module: nn.Module) -> Path:
 
 
 class LiveOutProjAttention(MultiheadAttention):
-    """TabICL's attention, with ``out_proj`` applied through its forward so LoRA on it is live."""
+    """TabICL's attention with its projections as calls of its own: ``out_proj`` through its forward (so
+    a LoRA layer on it is live), and the packed q/k/v projection through ``lora.packed_linear`` (so LoRA
+    on ``in_proj_weight`` adds ``scaling·(x·Aᵀ)·Bᵀ`` and never rebuilds ``W + B·A``). The rest (masks,
+    RoPE, scalable softmax, the key/value cache) is tabicl's ``multi_head_attention_forward`` step by
+    step, with torch's packed-projection layout, so the numbers are the package's."""
+
+    low_rank_parameters = ("in_proj_weight",)  # LoRA reaches it as factors (lora_layers.LowRankParamWrapper)
 
     def forward(self, query, key=None, value=None, cached_kv=None, key_padding_mask=None, attn_mask=None,
                 rope=None, need_kv=False):
@@ -114,14 +122,63 @@ class LiveOutProjAttention(MultiheadAttention):
                                              target_type=query.dtype)
         attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                       target_type=query.dtype, check_other=False)
-        identity = torch.eye(self.embed_dim, dtype=query.dtype, device=query.device)
-        out = tabicl_attention.multi_head_attention_forward(
-            query, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.dropout, identity, None,
-            key=key, value=value, cached_kv=cached_kv, training=self.training, key_padding_mask=key_padding_mask,
-            attn_mask=attn_mask, rope=rope, ssmax_layer=self.ssmax_layer, need_kv=need_kv)
-        if isinstance(out, tuple):
-            return (self.out_proj(out[0]), *out[1:])
-        return self.out_proj(out)
+        *batch, tgt_len, dim = query.shape
+        heads = self.num_heads
+        if cached_kv is None:
+            if key is None or value is None:
+                raise ValueError("key and value must be provided when cached_kv is None")
+            q, k, v = self._in_projection(query, key, value)
+            src_len = key.shape[-2]
+            k = k.view(*batch, src_len, heads, dim // heads).transpose(-3, -2)
+            v = v.view(*batch, src_len, heads, dim // heads).transpose(-3, -2)
+            if rope is not None:
+                k = rope.rotate_queries_or_keys(k)
+        else:
+            k, v = cached_kv.key, cached_kv.value
+            src_len = k.shape[-2]
+            q = lora.packed_linear(self, "in_proj_weight", query, slice(0, dim))
+        q = q.view(*batch, tgt_len, heads, dim // heads).transpose(-3, -2)
+        if rope is not None:
+            q = rope.rotate_queries_or_keys(q)
+        attn_mask = _attention_mask(attn_mask, key_padding_mask, batch, heads, tgt_len, src_len)
+        out = tabicl_attention.sdpa_with_flattened_batch(q, k, v, attn_mask, self.dropout if self.training else 0.0,
+                                                         ssmax_layer=self.ssmax_layer)
+        out = self.out_proj(out.transpose(-3, -2).contiguous().view(*batch, tgt_len, dim))
+        return (out, k, v) if need_kv and cached_kv is None else out
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as torch's ``_in_projection_packed`` computes them (one product for self-attention,
+        two when key is value), each through ``lora.packed_linear``."""
+        dim = self.embed_dim
+        if key is value:
+            if query is key:
+                proj = lora.packed_linear(self, "in_proj_weight", query)
+                proj = proj.unflatten(-1, (3, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+                return proj[0], proj[1], proj[2]
+            kv = lora.packed_linear(self, "in_proj_weight", key, slice(dim, 3 * dim))
+            kv = kv.unflatten(-1, (2, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            return lora.packed_linear(self, "in_proj_weight", query, slice(0, dim)), kv[0], kv[1]
+        return tuple(lora.packed_linear(self, "in_proj_weight", x, slice(i * dim, (i + 1) * dim))
+                     for i, x in enumerate((query, key, value)))
+
+
+def _attention_mask(attn_mask, key_padding_mask, batch: list, heads: int, tgt_len: int, src_len: int):
+    """tabicl's mask handling: ``attn_mask`` broadcast to (..., heads, tgt, src), plus the key padding."""
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise ValueError(f"2D attn_mask should have shape {(tgt_len, src_len)}, but got {attn_mask.shape}")
+            attn_mask = attn_mask.expand(*batch, heads, tgt_len, src_len)
+        elif attn_mask.shape != (*batch, heads, tgt_len, src_len):
+            raise ValueError(f"attn_mask should have shape {(*batch, heads, tgt_len, src_len)}, "
+                             f"but got {attn_mask.shape}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (*batch, src_len):
+            raise ValueError(f"key_padding_mask should have shape {(*batch, src_len)}, "
+                             f"but got {key_padding_mask.shape}")
+        key_padding_mask = key_padding_mask.view(*batch, 1, 1, src_len).expand(*batch, heads, tgt_len, src_len)
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    return attn_mask
 
 
 def _make_attention_live(module: nn.Module) -> nn.Module:
@@ -131,24 +188,7 @@ def _make_attention_live(module: nn.Module) -> nn.Module:
     return module
 
 
-class TabICLAdapter(ModelAdapter):
-    name = "tabicl"
-    title = "TabICL"
-    tasks = ("classification", "regression")
-    max_classes = 10
-    native_many_classes = True  # TabICL's eval path builds its own class hierarchy
-    limits = "10 classes a head (more: TabICL's own hierarchy); context <= max_context_rows"
-    repo_id = REPO_ID
-    checkpoints = CHECKPOINTS
-    sizes = {
-        "tiny": dict(embed_dim=16, col_num_blocks=1, col_nhead=2, col_num_inds=8, row_num_blocks=1, row_nhead=2,
-                     row_num_cls=2, icl_num_blocks=2, icl_nhead=2, num_quantiles=99),
-        "small": dict(embed_dim=64, col_num_blocks=1, col_nhead=4, col_num_inds=32, row_num_blocks=2,
-                      row_nhead=4, row_num_cls=4, icl_num_blocks=4, icl_nhead=4, num_quantiles=99),
-    }
-    # the seed's defaults: column embedder, row interactor, ICL transformer, decoder head
-    default_lora_prefixes = ("col_embedder.tf_col", "row_interactor", "icl_predictor.tf_icl", "icl_predictor.decoder")
-
+class TabICLAdapter(TabICLSpec, ModelAdapter):
     def __init__(self):
         # one entry: the pipeline's context; a training step or another context replaces it
         self.context_cache = ContextCache(size=1)
@@ -232,6 +272,13 @@ class TabICLAdapter(ModelAdapter):
         linears = [n for n, m in targets.items() if type(m) in PLAIN_LINEAR and "ssmax" not in n]
         packed = [f"{n}.in_proj_weight" for n, m in targets.items() if isinstance(m, MultiheadAttention)]
         return linears, packed
+
+    def set_gradient_checkpointing(self, module: nn.Module, enabled: bool = True) -> None:
+        """TabICL's own switch, ``recompute``, on its column, row and ICL transformers: tabicl runs each of
+        their blocks through ``torch.utils.checkpoint`` (non-reentrant) in the training forward."""
+        for sub in module.modules():
+            if hasattr(sub, "recompute"):
+                sub.recompute = enabled
 
 
 def own_estimator(module: nn.Module, task: Task, config: ModelConfig, device, kv_cache: bool):

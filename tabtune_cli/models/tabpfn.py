@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,21 +97,11 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ContextCache, ModelAdapter, Task, load_weights, resolve_checkpoint
+from .base import ContextCache, ModelAdapter, Task, load_weights
+from .specs.tabpfn import ESTIMATOR, VERSIONS, TabPFNConfig, TabPFNSpec  # noqa: F401 (TabPFNConfig: re-exported)
 
-# model.version -> the package's architecture name
-VERSIONS = {"v2": "tabpfn_v2", "v2.5": "tabpfn_v2_5", "v2.6": "tabpfn_v2_6", "v3": "tabpfn_v3", "v3.5": "tabpfn_v3_5"}
 # versions whose checkpoints keep the regression borders beside the model, as criterion.borders
 CRITERION_BORDERS = ("tabpfn_v2", "tabpfn_v2_5", "tabpfn_v2_6")
-ESTIMATOR = {"classification": "classifier", "regression": "regressor"}
-
-
-@dataclass
-class TabPFNConfig(ModelConfig):
-    """TabPFN's keys: the shared ones plus the architecture version."""
-
-    name: str = "tabpfn"
-    version: str = "v2"
 
 
 def _architecture_module(architecture_name: str):
@@ -158,51 +147,7 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-
-
-class TabPFNAdapter(ModelAdapter):
-    name = "tabpfn"
-    title = "TabPFN"
-    config_class = TabPFNConfig
-    tasks = ("classification", "regression")
-    max_classes = 10
-    limits = "10 classes a head (more: class hierarchy); context <= max_context_rows"
-    repo_id = "Prior-Labs/TabPFN-v2-clf"
-    # the package's default v2 files (tabpfn.model_loading.ModelSource)
-    checkpoints = {"classification": "tabpfn-v2-classifier-finetuned-zk73skhh.ckpt",
-                   "regression": "tabpfn-v2-regressor.ckpt"}
-    sizes = {
-        "tiny": dict(emsize=16, nlayers=2, nhead=2, features_per_group=2, num_buckets=32),
-        "small": dict(emsize=64, nlayers=4, nhead=4, features_per_group=2, num_buckets=256),
-    }
-    # v2, v2.5, v2.6: the seed's defaults under their real names (see the module docstring)
-    default_lora_prefixes = ("feature_group_embedder", "target_embedder", "blocks", "output_projection")
-    # v3, v3.5: the in-context transformer (its attention's q/k/v/out projections and MLPs)
-    default_lora_prefixes_v3 = ("icl_blocks",)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
-        if not config.pretrained:
-            return None
-        version = getattr(config, "version", "v2")
-        if version not in VERSIONS:
-            raise TabTuneError(f"model.version: unknown TabPFN version {version!r} (known: {', '.join(VERSIONS)})")
-        from tabpfn.constants import ModelVersion
-        from tabpfn.model_loading import ModelType, _get_model_source
-
-        source = _get_model_source(ModelVersion(version), ModelType(ESTIMATOR[task.kind]))
-        try:
-            return resolve_checkpoint(config, repo_id=source.repo_id, filename=source.default_filename,
-                                      model_title=f"TabPFN {version}")
-        except TabTuneError as exc:
-            if version == "v2" or config.checkpoint:
-                raise
-            raise TabTuneError(f"{exc}. TabPFN {version} weights are gated: accept the license at "
-                               f"https://huggingface.co/{source.repo_id} while logged in, download "
-                               f"{source.default_filename!r} (e.g. `hf download {source.repo_id} "
-                               f"{source.default_filename}`), then pass model.checkpoint=/path/to/"
-                               f"{source.default_filename}") from None
-
+class TabPFNAdapter(TabPFNSpec, ModelAdapter):
     # -- building ------------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task):
         version = getattr(config, "version", "v2")
@@ -382,6 +327,13 @@ class TabPFNAdapter(ModelAdapter):
         if not prefixes and "blocks" not in dict(module.named_modules()):
             prefixes = self.default_lora_prefixes_v3
         return [n for n, m in self.modules_under(module, prefixes).items() if type(m) is nn.Linear], []
+
+    def set_gradient_checkpointing(self, module: nn.Module, enabled: bool = True) -> None:
+        """Refused: TabPFN's blocks take their input in a list that they empty, so a block cannot be run
+        again in backward from what its first run was given (the generic recomputation would fail)."""
+        if enabled:
+            raise TabTuneError("strategy.gradient_checkpointing: not available for TabPFN (its blocks consume "
+                               "their input, so they cannot be recomputed in backward); set it to false")
 
 
 def bar_distribution(module: nn.Module):

@@ -1,4 +1,8 @@
-"""LoRA through Hugging Face peft: the adapter names the targets, peft does the rest."""
+"""LoRA through Hugging Face peft: the adapter names the targets, peft does the rest.
+
+peft's layers are then computed from their factors (``lora_linear``, ``lora_layers``): ``x·Wᵀ`` plus
+``scaling·(x·Aᵀ)·Bᵀ``, never ``W + B·A``, and no gradient for the frozen weight; adapters save, load
+and merge as peft's own."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import logging
 import math
 from pathlib import Path
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..config import LoraSettings
 from ..errors import TabTuneError
@@ -29,6 +35,87 @@ def lora_config(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings
                       bias=settings.bias, modules_to_save=settings.modules_to_save)
 
 
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, factors) -> Tensor:
+    """``x·Wᵀ + b + Σ scaling·(x·Aᵀ)·Bᵀ`` over ``factors`` (``(A, B, scaling)`` for each active LoRA adapter),
+    never building ``W + B·A`` nor anything else the size of the output beyond the output itself.
+
+    With ``W`` frozen (peft training) a custom backward computes no gradient for ``W``, takes each
+    product in the layout BLAS is fast at for rank r, and adds the adapters' share of the output and of
+    the input's gradient in place; otherwise (``W`` trains, or autocast is on) one ``addmm`` a factor."""
+    factors = list(factors)
+    if not factors:
+        return F.linear(x, weight, bias)
+    if weight.requires_grad or torch.is_autocast_enabled(x.device.type):
+        out = F.linear(x, weight, bias)
+        for A, B, scaling in factors:
+            h = F.linear(x, A)
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
+            out = flat.view(out.shape)
+        return out
+    As, Bs, scalings = zip(*factors)
+    return _FrozenLoRALinear.apply(x, weight, bias, scalings, *As, *Bs)
+
+
+class _FrozenLoRALinear(torch.autograd.Function):
+    """``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` with ``W`` frozen; backward keeps ``x`` and the rank-r ``x·Aᵀ``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scalings, *factors):
+        As, Bs = factors[:len(scalings)], factors[len(scalings):]
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+        hs = []
+        for A, B, scaling in zip(As, Bs, scalings):
+            h = flat @ A.t()
+            out.addmm_(h, B.t(), alpha=scaling)
+            hs.append(h)
+        ctx.scalings = scalings
+        ctx.save_for_backward(x, weight, *As, *Bs, *hs)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *rest = ctx.saved_tensors
+        n = len(ctx.scalings)
+        As, Bs, hs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        grad = grad.reshape(-1, grad.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        grad_As, grad_Bs = [], []
+        for A, B, h, scaling in zip(As, Bs, hs, ctx.scalings):
+            grad_h = torch.mm(B.t() * scaling, grad.t()).t()  # (r·out)(out·N), transposed: the fast layout
+            grad_Bs.append(torch.mm(h.t(), grad).t() * scaling)
+            grad_As.append(torch.mm(grad_h.t(), flat))
+            if grad_x is not None:
+                grad_x.addmm_(grad_h, A)
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return (grad_x, None, grad_bias, None, *grad_As, *grad_Bs)
+
+
+def packed_linear(module: nn.Module, name: str, x: Tensor, rows: slice | None = None) -> Tensor:
+    """``x·W[rows]ᵀ + b[rows]`` for ``module``'s packed weight ``name`` (its bias: ``name`` with ``weight``
+    read as ``bias``), plus ``scaling·(x·Aᵀ)·B[rows]ᵀ`` for each LoRA adapter on it (:func:`lora_linear`).
+
+    The adapters' factors are those ``lora_layers.LowRankParamWrapper`` hands the module for the call
+    (a module that names ``name`` in its ``low_rank_parameters``); ``W + B·A`` is never built."""
+    weight = getattr(module, name)
+    bias = getattr(module, name.replace("weight", "bias"), None)
+    factors = module.__dict__.get("low_rank_factors", {}).get(name, ())
+    if rows is not None:
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+        factors = [(A, B[rows], scaling) for A, B, scaling in factors]
+    return lora_linear(x, weight, bias, factors)
+
+
+def low_rank(model):
+    """``model`` with peft's LoRA layers computing ``x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ`` (``lora_layers``): no
+    per-call ``W + B·A``, no full-size intermediates; same parameters, names and saved files."""
+    from .lora_layers import make_low_rank
+
+    return make_low_rank(model)
+
+
 def wrap(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings):
     """Return ``module`` with LoRA adapters; only adapter (and ``modules_to_save``) weights train."""
     from peft import get_peft_model
@@ -48,7 +135,7 @@ def wrap(adapter: ModelAdapter, module: nn.Module, settings: LoraSettings):
         log.warning("lora.lora_dropout=%s applies to %s's linear targets; its packed attention weights "
                     "(in_proj_weight) train without dropout, which peft cannot give them", settings.lora_dropout,
                     adapter.title)
-    return model
+    return low_rank(model)
 
 
 def load(module: nn.Module, path, trainable: bool = False):
@@ -59,9 +146,10 @@ def load(module: nn.Module, path, trainable: bool = False):
     if not weights.is_file():  # peft would fall back to a pickled adapter_model.bin: tabtune never reads one
         raise TabTuneError(f"{weights}: missing (tabtune reads adapters only as safetensors)")
     try:
-        return PeftModel.from_pretrained(module, str(path), is_trainable=trainable)
+        model = PeftModel.from_pretrained(module, str(path), is_trainable=trainable)
     except Exception as exc:  # a file that is not safetensors, or adapters of another shape
         raise TabTuneError(f"{weights}: cannot load these adapters ({str(exc).splitlines()[0][:160]})") from None
+    return low_rank(model)
 
 
 def add(model, path, name: str) -> None:
@@ -97,6 +185,7 @@ def add(model, path, name: str) -> None:
         raise TabTuneError(f"{weights}: cannot load these adapters ({str(exc).splitlines()[0][:160]})") from None
     if result.unexpected_keys:
         raise TabTuneError(f"{weights}: tensor {result.unexpected_keys[0]!r} fits no adapter of this model")
+    low_rank(model)  # layers the new adapter's targets added
 
 
 def fold(model) -> tuple[nn.Module, int]:

@@ -784,7 +784,10 @@ def test_summary_counts_trainable_parameters_per_strategy(fitted):
     counts = {name: pipe.summary() for name, pipe in fitted.items()}
     total = counts["inference"]["total_params"]
     assert counts["inference"]["trainable_params"] == 0
-    assert counts["base-ft"]["trainable_params"] == counts["base-ft"]["total_params"] == total
+    # base-ft trains what TabICL trains: all but its 4 fixed rotary frequencies, built frozen
+    frozen = {n for n, p in fitted["base-ft"].module_.named_parameters() if not p.requires_grad}
+    assert frozen == {"row_interactor.tf_row.rope.freqs"}
+    assert counts["base-ft"]["trainable_params"] == total - 4 and counts["base-ft"]["total_params"] == total
     lora_numel = sum(v.numel() for v in lora_weights(fitted["peft"].module_).values())
     assert counts["peft"]["trainable_params"] == lora_numel
     assert counts["peft"]["total_params"] == total + lora_numel

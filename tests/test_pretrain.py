@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tabtune_cli.models.nano import read_checkpoint
+from tabtune_cli.tuning import checkpoint
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "prior.tables_per_step=4",
         "prior.tables_per_group=2", "prior.min_rows=null", "prior.max_rows=48", "prior.max_features=6",
@@ -44,8 +45,9 @@ def test_pretraining_is_reproducible_and_resumes_where_it_stopped(tmp_path):
     assert first[:2] == second[:2]  # same seed, same first losses
     assert first[2:] == pytest.approx(second[2:], rel=1e-5)  # the resumed run continues the same run
     assert len(set(first)) == 4  # the losses move: a test that compares constants would prove nothing
-    state = json.loads((tmp_path / "b" / "state.json").read_text())
-    assert state["step"] == 4
+    saved = checkpoint.latest(tmp_path / "b" / "checkpoints")  # fine-tuning's checkpoint, one only
+    assert saved.name == "step-00000004" and [p.name for p in saved.parent.iterdir()] == [saved.name]
+    assert json.loads((saved / "state.json").read_text())["step"] == 4
     architecture, weights = read_checkpoint(tmp_path / "b" / "nano-last.safetensors")
     assert architecture["d_model"] == 16 and weights  # loadable by the nano adapter as it is
 
@@ -89,4 +91,4 @@ def test_prior_min_rows_above_max_rows_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
         "tabtune: error: prior.min_rows: must be at least 2 and below prior.max_rows (256), got 300")
-    assert not (tmp_path / "run" / "state.json").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -2,9 +2,10 @@
 
 Every step's batch is drawn from tabicl's prior after seeding the global RNGs with
 ``(seed, step)``, so a run is reproducible from its config and a resumed run sees
-the same tables it would have seen without the interruption. Checkpoints are
-safetensors (weights, optimizer moments) plus JSON (step, schedule), written
-atomically; ``nano-last.safetensors`` is loadable by the nano adapter as is.
+the same tables it would have seen without the interruption. The resumable state is
+fine-tuning's own checkpoint (``checkpoint``: weights, optimizer, schedule, RNG states,
+in ``checkpoints/step-N/``, written whole); ``nano-last.safetensors`` beside it is the
+latest weights as a nano checkpoint, loadable by the nano adapter as is.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ import json
 import math
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import rundir
 from ..errors import TabTuneError
-from ..models.nano import NanoICL, read_checkpoint
+from ..models.nano import NanoICL
+from . import checkpoint
 from .trainer import _schedule
 
-WEIGHTS, OPTIMIZER, STATE = "nano-last.safetensors", "optimizer.safetensors", "state.json"
+# the weights to use (a nano checkpoint) and the folder the run resumes from (``checkpoint``)
+WEIGHTS, CHECKPOINTS = "nano-last.safetensors", "checkpoints"
 
 
 def seed_everything(seed: int, step: int) -> None:
@@ -82,34 +84,6 @@ def save_weights(model: NanoICL, architecture: dict, path: Path, extra: dict | N
     rundir.write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
-def save_checkpoint(out: Path, model, architecture, optimizer, step: int, history_tail: dict) -> None:
-    save_weights(model, architecture, out / WEIGHTS, {"step": step})
-    moments, groups = {}, []
-    for i, (param_id, st) in enumerate(optimizer.state_dict()["state"].items()):
-        for key, value in st.items():
-            moments[f"{param_id}.{key}"] = torch.as_tensor(value).contiguous()
-    rundir.write_file(out / OPTIMIZER, lambda tmp: save_file(moments, tmp))
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
-    rundir.write_json(out / STATE, {"step": step, "param_groups": groups, **history_tail})
-
-
-def load_checkpoint(out: Path, model, optimizer) -> int:
-    """Restore weights and optimizer moments from ``out``; return the step to continue from."""
-    state = json.loads((out / STATE).read_text())
-    model.load_state_dict(load_file(out / WEIGHTS))
-    moments = load_file(out / OPTIMIZER)
-    full = optimizer.state_dict()
-    per_param: dict[int, dict] = {}
-    for key, value in moments.items():
-        param_id, name = key.split(".", 1)
-        per_param.setdefault(int(param_id), {})[name] = value
-    full["state"] = per_param
-    for group, saved in zip(full["param_groups"], state["param_groups"]):
-        group.update(saved)
-    optimizer.load_state_dict(full)
-    return int(state["step"])
-
-
 @dataclass
 class PretrainResult:
     step: int
@@ -135,25 +109,22 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg["scheduler"], cfg["warmup_steps"],
                                                                        cfg["steps"]))
     start, earlier_seconds, loss_value = 0, 0.0, math.nan
-    if (out / STATE).is_file():
-        saved, _ = read_checkpoint(out / WEIGHTS)
-        if saved != architecture:
-            changed = sorted(k for k in set(saved) | set(architecture) if saved.get(k) != architecture.get(k))
+    saved = checkpoint.latest(out / CHECKPOINTS)
+    if saved is not None:
+        tensors, state = checkpoint.load(saved, optimizer=optimizer, scheduler=scheduler)
+        if state["architecture"] != architecture:
+            changed = sorted(k for k in set(state["architecture"]) | set(architecture)
+                             if state["architecture"].get(k) != architecture.get(k))
             raise TabTuneError(f"{out} holds a run of another architecture (model.{changed[0]}: "
-                               f"{saved.get(changed[0])} there, {architecture.get(changed[0])} asked); "
+                               f"{state['architecture'].get(changed[0])} there, {architecture.get(changed[0])} asked); "
                                f"match it or choose another out_dir")
-        saved_state = json.loads((out / STATE).read_text())
-        earlier_seconds, loss_value = saved_state.get("wall_seconds", 0.0), saved_state.get("loss", math.nan)
-        start = load_checkpoint(out, model, optimizer)
-        with warnings.catch_warnings():  # catching the schedule up is not the misuse torch warns of
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            for _ in range(start):
-                scheduler.step()
+        model.load_state_dict(tensors["model"])
+        start, earlier_seconds, loss_value = state["step"], state["wall_seconds"], state["loss"]
         if (out / "history.jsonl").is_file():  # steps after the checkpoint will be run again: drop their lines
             kept = [line for line in (out / "history.jsonl").read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start]
             rundir.write_text(out / "history.jsonl", "".join(line + "\n" for line in kept))
-        log(f"resumed from {out / WEIGHTS} at step {start}")
+        log(f"resumed from {saved} at step {start}")
     # one worker process draws prior batches while the main process trains on the previous ones
     # a run may stop early (stop_at) and go on later: the schedule always follows `steps`
     end = min(cfg["stop_at"] or cfg["steps"], cfg["steps"])
@@ -190,9 +161,11 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
                 log(f"step {step + 1}: zero-shot {record['zero_shot']}")
             rundir.append_jsonl(history, record)
             if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == end:
-                save_checkpoint(out, model, architecture, optimizer, step + 1,
-                                {"loss": loss_value,
-                                 "wall_seconds": earlier_seconds + time.perf_counter() - started})
+                save_weights(model, architecture, out / WEIGHTS, {"step": step + 1})
+                checkpoint.save(out / CHECKPOINTS, f"step-{step + 1:08d}", tensors={"model": model.state_dict()},
+                                optimizer=optimizer, scheduler=scheduler,
+                                state={"step": step + 1, "architecture": architecture, "loss": loss_value,
+                                       "wall_seconds": earlier_seconds + time.perf_counter() - started})
             progress.update(bar, advance=1, status=f"loss {loss_value:.4f} {seconds:.2f}s/step")
             t0 = time.perf_counter()
     return PretrainResult(step=max(start, end), loss=loss_value, out_dir=out)

@@ -11,7 +11,12 @@ context; the best epoch's trainable weights are restored at the end (the startin
 weights compete as epoch 0, so training that only hurts is not kept; a pretrained
 start is replaced only by weights whose validation ROC AUC is at least its own), and
 training stops early when validation has not improved for ``early_stopping_patience``
-epochs.
+epochs. A non-finite loss stops training too, with the best weights so far kept.
+
+Launched by ``torchrun``, the ranks share every batch and average their gradients
+(``distributed``). Given a ``checkpoints`` folder, every epoch ends in a resumable checkpoint (``checkpoint``:
+trainable and best weights, optimizer, scheduler, RNG states, the episode stream's place), and a
+loop started on a folder that holds one carries on from it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -29,10 +35,11 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from ..config import ModelConfig, StrategyConfig
+from ..config import ModelConfig, StrategyConfig, to_dict
 from ..errors import TabTuneError
 from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
 from ..models.base import ModelAdapter, Task, predict_classes
+from . import checkpoint, distributed
 from .episodes import context_rows, epoch_episodes
 
 log = logging.getLogger("tabtune")
@@ -55,6 +62,8 @@ class TrainResult:
     best_step: int = 0
     seconds: float = 0.0
     val_seconds: float = 0.0  # of ``seconds``, spent in validation passes (the start's included)
+    stopped: str | None = None  # why training ended before its epochs were done (divergence)
+    resumed_after: int | None = None  # the epoch of the checkpoint this training resumed from
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -138,11 +147,15 @@ def validation_setup(task: Task, val_split: Split, strategy: StrategyConfig, mod
 def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
           on_record: Callable[[dict], None] | None = None, on_best: Callable[[nn.Module], None] | None = None,
-          lr_ratio: float | None = None) -> TrainResult:
+          lr_ratio: float | None = None, checkpoints: Path | None = None) -> TrainResult:
     """Fine-tune the trainable parameters of ``module`` in place; return what happened.
 
     ``on_best(module)`` runs whenever validation improves (``save_checkpoint_path``); ``lr_ratio`` is
-    LoRA+ (peft's optimizer: the B matrices learn at ``lr_ratio`` x the learning rate)."""
+    LoRA+ (peft's optimizer: the B matrices learn at ``lr_ratio`` x the learning rate).
+
+    ``checkpoints``: a folder where every epoch ends in a resumable checkpoint (see ``checkpoint``); if it
+    already holds one, training resumes from it, replaying its history through ``on_record`` first, and
+    ends as the uninterrupted run would have (the same episodes, RNG states and schedule)."""
     started = time.perf_counter()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -151,23 +164,37 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     n_rows = len(train_split.y)
     query_size = min(strategy.query_size, max(1, n_rows // 2))
     labels = train_split.y if task.is_classification else None
-    rng = np.random.default_rng(seed)
 
     def sample(generator: np.random.Generator) -> list:
         return epoch_episodes(labels, n_rows, strategy.context_size, query_size, generator,
                               n_features=train_split.X.shape[1], n_classes=task.n_classes or None,
                               max_classes=adapter.max_classes)
 
-    def one_pass() -> list:
-        episodes = sample(rng)
+    def one_pass(index: int) -> list:
+        # each pass over the rows draws from its own seeded generator, so a resumed run re-enters any pass
+        generator = np.random.default_rng([seed, index])
+        episodes = sample(generator)
         if not task.is_classification or task.n_classes <= (adapter.max_classes or task.n_classes):
             # class-grouped episodes (more classes than the head) keep the sampler's groups
-            episodes = adapter.plan_episodes(episodes, train_split.X, model_config, rng)
+            episodes = adapter.plan_episodes(episodes, train_split.X, model_config, generator)
         return episodes
 
-    def stream():
-        while True:
-            yield from one_pass()
+    cursor = {"pass": 0, "offset": 0}  # where the episode stream stands: saved with every checkpoint
+    current: dict[int, list] = {}
+
+    def take(n: int) -> list:
+        out: list = []
+        while len(out) < n:
+            if cursor["pass"] not in current:
+                current.clear()
+                current[cursor["pass"]] = one_pass(cursor["pass"])
+            episodes = current[cursor["pass"]]
+            part = episodes[cursor["offset"]:cursor["offset"] + n - len(out)]
+            out += part
+            cursor["offset"] += len(part)
+            if cursor["offset"] >= len(episodes):
+                cursor["pass"], cursor["offset"] = cursor["pass"] + 1, 0
+        return out
 
     accumulation, batch_size = strategy.gradient_accumulation_steps, strategy.batch_size
     if strategy.steps_per_epoch is None:  # an epoch is one pass: its batches, the last one maybe short
@@ -175,14 +202,13 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         steps_per_epoch = math.ceil(math.ceil(per_pass / batch_size) / accumulation)
     else:
         steps_per_epoch = strategy.steps_per_epoch
-        episodes = stream()
     total_steps = steps_per_epoch * strategy.epochs
 
-    def epoch_batches() -> list[list]:
+    def epoch_batches(epoch: int) -> list[list]:
         if strategy.steps_per_epoch is None:
-            ep = one_pass()
+            ep = one_pass(epoch - 1)
             return [ep[i:i + batch_size] for i in range(0, len(ep), batch_size)]
-        return [[next(episodes) for _ in range(batch_size)] for _ in range(steps_per_epoch * accumulation)]
+        return [take(batch_size) for _ in range(steps_per_epoch * accumulation)]
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(strategy.scheduler.value, strategy.warmup_steps, total_steps))
@@ -190,10 +216,11 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     autocast = lambda: _autocast(strategy.mixed_precision.value, device)  # noqa: E731
 
     history: list[dict] = []
+    rank, ranks = distributed.join(device)  # torchrun: this process's share of every batch (else 0 of 1)
 
     def record(entry: dict) -> None:
         history.append(entry)
-        if on_record is not None:
+        if on_record is not None and rank == 0:
             on_record(entry)
 
     X_all = torch.as_tensor(train_split.X, device=device)
@@ -209,43 +236,74 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         val_seconds += time.perf_counter() - began
         return scores
 
-    start = validation()
-    val_before = start[metric_name]
-    record({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in start.items()}})
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    # what a checkpoint must have been made by to be resumed here
+    identity = {"rows": n_rows, "features": int(train_split.X.shape[1]), "task": task.kind,
+                "n_classes": task.n_classes, "seed": seed,
+                "strategy": {k: v for k, v in to_dict(strategy).items() if k != "show_progress"}}
+    saved = checkpoint.latest(checkpoints) if checkpoints is not None else None
+    if saved is None:
+        start = validation()
+        record({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in start.items()}})
+        val_before = start[metric_name]
+        best_val, best_epoch, best_step, stale, step, epoch, finished = val_before, 0, 0, 0, 0, 0, False
+        best_state = {n: p.detach().clone() for n, p in trainable.items()}
+        earlier_seconds = 0.0
+    else:
+        tensors, state = checkpoint.load(saved, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        _check_identity(saved, state["identity"], identity)
+        _restore(saved, trainable, tensors["trainable"])
+        best_state = {n: tensors["best"][n].to(device=p.device, dtype=p.dtype) for n, p in trainable.items()}
+        for entry in state["history"]:
+            record(entry)
+        start, val_before = state["start"], state["val_before"]
+        best_val, best_epoch, best_step = state["best_val"], state["best_epoch"], state["best_step"]
+        stale, step, epoch, finished = state["stale"], state["step"], state["epoch"], state["finished"]
+        cursor.update(state["cursor"])
+        earlier_seconds, val_seconds = state["seconds"], state["val_seconds"]
+        log.info("resumed from %s after epoch %d (step %d)", saved, epoch, step)
+    resumed_after = None if saved is None else epoch
     # The starting weights compete too: training that only makes validation worse is not kept. A pretrained
     # start also keeps its ranking: a lower log loss (often only calibration) at a lower ROC AUC than the
     # start's on the validation rows does not replace it, since such weights rank test rows worse too.
     guard_auc = model_config.pretrained and start.get("roc_auc") is not None
-    best_val, best_epoch, best_step, stale, step = val_before, 0, 0, 0, 0
-    best_state = {n: p.detach().clone() for n, p in trainable.items()}
+    stopped = None
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        disable=not strategy.show_progress, transient=False)
-    epoch = 0
+                        disable=not strategy.show_progress or rank != 0, transient=False)
     with progress:
-        bar = progress.add_task("fine-tuning", total=total_steps, status="")
-        for epoch in range(1, strategy.epochs + 1):
+        bar = progress.add_task("fine-tuning", total=total_steps, completed=step, status="")
+        for epoch in range(epoch + 1, 0 if finished else strategy.epochs + 1):
             module.train()
-            batches = epoch_batches()
+            batches = epoch_batches(epoch)
             optimizer.zero_grad(set_to_none=True)
             running = []
             for b, batch in enumerate(batches):
-                Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device)
                 episode_task = task if not task.is_classification else Task(
                     task.kind, max(e.n_classes for e in batch))
+                if ranks > 1:
+                    batch = distributed.shard(batch, rank, ranks)
+                Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device)
                 with autocast():
                     out = adapter.episode_logits(module, Xc, yc, Xq, episode_task, model_config)
                     loss = adapter.episode_loss(out.float(), yq, episode_task)
-                if not torch.isfinite(loss):
-                    raise TabTuneError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
-                                       f"lower strategy.learning_rate (now {strategy.learning_rate})")
+                diverged = not bool(torch.isfinite(loss))
+                if ranks > 1:  # all ranks stop together, or the others would wait for it forever
+                    diverged = distributed.any_rank(diverged)
+                if diverged:
+                    stopped = (f"training diverged at epoch {epoch}, step {step + 1} (loss {loss.item()}): stopped "
+                               f"there, keeping the best weights so far (epoch {best_epoch}); lower "
+                               f"strategy.learning_rate (now {strategy.learning_rate})")
+                    log.warning(stopped)
+                    break
                 scaled = loss / accumulation
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(loss.item())
                 last = b == len(batches) - 1
                 if (b + 1) % accumulation == 0 or last:
+                    if ranks > 1:
+                        distributed.average_gradients(params, ranks)
                     if scaler:
                         scaler.unscale_(optimizer)
                     if strategy.max_grad_norm:
@@ -258,6 +316,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                     scheduler.step()
                     progress.update(bar, advance=1, status=f"epoch {epoch} loss {np.mean(running):.4f}")
                     running = []
+            if stopped:
+                break
             scores = validation()
             val = scores[metric_name]
             record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in scores.items()}})
@@ -266,13 +326,22 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             if val < best_val and ranks_as_well:
                 best_val, best_epoch, best_step, stale = val, epoch, step, 0
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
-                if on_best is not None:
+                if on_best is not None and rank == 0:
                     on_best(module)
             else:
                 stale += 1
-                if strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience:
-                    break
-    if best_epoch == 0:
+            finished = strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience
+            if checkpoints is not None and rank == 0:
+                checkpoint.save(
+                    checkpoints, f"epoch-{epoch:04d}", tensors={"trainable": trainable, "best": best_state},
+                    optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                    state={"identity": identity, "epoch": epoch, "step": step, "finished": finished,
+                           "start": start, "val_before": val_before, "best_val": best_val, "best_epoch": best_epoch,
+                           "best_step": best_step, "stale": stale, "cursor": dict(cursor), "history": history,
+                           "seconds": earlier_seconds + time.perf_counter() - started, "val_seconds": val_seconds})
+            if finished:
+                break
+    if best_epoch == 0 and not stopped:
         log.warning("no epoch improved validation %s (%.4f before training)%s: keeping the starting weights",
                     metric_name, val_before, " without lowering its ROC AUC" if guard_auc else "")
     with torch.no_grad():
@@ -280,5 +349,26 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             p.copy_(best_state[n])
     module.eval()
     return TrainResult(best_epoch=best_epoch, best_val=best_val, val_before=val_before, epochs_run=epoch,
-                       steps=step, history=history, best_step=best_step, seconds=time.perf_counter() - started,
-                       val_seconds=val_seconds)
+                       steps=step, history=history, best_step=best_step,
+                       seconds=earlier_seconds + time.perf_counter() - started, val_seconds=val_seconds,
+                       stopped=stopped, resumed_after=resumed_after)
+
+
+def _check_identity(folder: Path, saved: dict, current: dict) -> None:
+    """A checkpoint resumes only the training that made it: same rows, task, seed and strategy."""
+    flat = lambda d: {f"{k}.{kk}" if isinstance(v, dict) else k: vv  # noqa: E731
+                      for k, v in d.items() for kk, vv in (v.items() if isinstance(v, dict) else [(k, v)])}
+    before, now = flat(saved), flat(current)
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            raise TabTuneError(f"{folder}: made by another training ({key}: {before.get(key)!r} there, "
+                               f"{now.get(key)!r} now); it cannot be resumed with these settings")
+
+
+def _restore(folder: Path, trainable: dict[str, nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    if set(saved) != set(trainable):
+        odd = sorted(set(saved) ^ set(trainable))[0]
+        raise TabTuneError(f"{folder}: its weights do not fit this model's trainable parameters (first: {odd})")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(saved[n])

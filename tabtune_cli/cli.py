@@ -15,6 +15,10 @@ usage: tabtune <command> [args]
 commands:
   train   run one job (or a sweep with -m): tabtune train model=tabicl strategy=peft dataset=iris
           `tabtune train --help` shows the config groups and their options
+          tabtune train -m lora.r=2,4,8 hydra/launcher=joblib hydra.launcher.n_jobs=2   (jobs side by side)
+          tabtune train hparams_search=optuna strategy=peft   (a search; experiment=<name>: a named setup)
+  report  runs side by side (a sweep's, or any): table, report.csv, report.md, plots
+          tabtune report runs/multirun/<date>/<time> [more dirs] [output=<folder>] [metric=<name>]
   ls      list models, strategies, built-in datasets and presets
   leaderboard  contenders side by side on several tables (conf/leaderboard.yaml)
   pretrain  pretrain the embedded nano model on synthetic tables (conf/pretrain.yaml; resumes)
@@ -37,13 +41,19 @@ Errors print one line; set TABTUNE_DEBUG=1 for the full traceback.
 CONFIG_FILE_COMMANDS = ("train", "pretrain", "leaderboard", "validate")
 
 
-def _commands():
-    from .commands import config_tools, leaderboard, ls, merge, predict, pretrain, train
+# command -> (module under tabtune_cli.commands, its entry); only the command run is imported, so that
+# `ls`, `validate` and `train --help` do not pay for torch that another command's module imports
+COMMANDS = {"train": ("train", "run"), "ls": ("ls", "run"), "pretrain": ("pretrain", "run"),
+            "leaderboard": ("leaderboard", "run"), "merge": ("merge", "run"), "export": ("merge", "export"),
+            "predict": ("predict", "run"), "report": ("report", "run"), "evaluate": ("predict", "evaluate"),
+            "cp": ("config_tools", "cp"), "validate": ("config_tools", "validate")}
 
-    return {"train": train.run, "ls": ls.run, "pretrain": pretrain.run, "leaderboard": leaderboard.run,
-            "merge": merge.run, "export": merge.export,
-            "predict": predict.run, "evaluate": predict.evaluate,
-            "cp": config_tools.cp, "validate": config_tools.validate}
+
+def _command(name: str):
+    from importlib import import_module
+
+    module, entry = COMMANDS[name]
+    return getattr(import_module(f"{__package__}.commands.{module}"), entry)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(__version__)
         return 0
-    commands = _commands()
-    command = commands.get(argv[0])
-    if command is None:
-        print(f"tabtune: error: unknown command {argv[0]!r} (commands: {', '.join(commands)})", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"tabtune: error: unknown command {argv[0]!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    command = _command(argv[0])
     try:
         if argv[0] in CONFIG_FILE_COMMANDS:
             from .hydra_conf import expand_config_flag

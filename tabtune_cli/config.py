@@ -52,6 +52,23 @@ class StrategyName(str, Enum):
     peft = "peft"
 
 
+class Objective(str, Enum):
+    """The validation metric a sweep's job returns for its sweeper to optimise (``hparams_search``): ``auto``
+    is the one training watches (log loss, or RMSE); the others are ``evaluation.metrics.METRICS``."""
+    auto = "auto"
+    accuracy = "accuracy"
+    balanced_accuracy = "balanced_accuracy"
+    f1_macro = "f1_macro"
+    f1_weighted = "f1_weighted"
+    roc_auc = "roc_auc"
+    log_loss = "log_loss"
+    brier = "brier"
+    ece = "ece"
+    rmse = "rmse"
+    mae = "mae"
+    r2 = "r2"
+
+
 @dataclass
 class StrategyConfig:
     """How the model is tuned; the keys are the Python API's ``tuning_params``."""
@@ -80,6 +97,9 @@ class StrategyConfig:
     val_max_rows: Optional[int] = 512
     val_n_estimators: Optional[int] = 4
     show_progress: bool = True
+    # recompute each repeated block's activations in the backward pass instead of keeping them (less
+    # memory, about one more forward's time a step); the model adapter decides what its blocks are
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -272,18 +292,42 @@ class PretrainConfig:
     show_progress: bool = True
 
 
+class CrossValidation(str, Enum):
+    split = "split"   # `splits` seeded train/test splits, test_size of the rows held out in each
+    kfold = "kfold"   # `splits`-fold cross-validation (stratified for classification), seeded
+
+
+@dataclass
+class EntryDefaults:
+    """What every leaderboard entry starts from: its model, strategy and overrides unless it gives its own
+    (an entry's overrides go over these)."""
+
+    model: str = "nano"
+    strategy: str = "inference"
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class LeaderboardConfig:
-    """``tabtune leaderboard`` (conf/leaderboard.yaml); a contender is TabularPipeline kwargs or a baseline name."""
+    """``tabtune leaderboard`` (conf/leaderboard*.yaml): entries side by side on tables, on the same folds.
 
-    datasets: List[str] = field(default_factory=list)
+    An entry is ``{model, strategy, overrides}`` (``overrides``: the train config's ``model``, ``strategy`` and
+    ``lora`` settings, ``{lora: {r: 8}}``) or ``{baseline: <name>}``, over ``entry_defaults``.
+    ``commands.leaderboard.check_board`` checks the entries when the config is composed."""
+
+    datasets: List[Any] = field(default_factory=list)  # names (built-in, shared_dir) or {path, target[, name]}
     shared_dir: str = "../shared/datasets"
+    cv: CrossValidation = CrossValidation.split
     splits: int = 3
     test_size: float = 0.3
-    max_train_rows: int = 1024
-    max_test_rows: int = 2000
+    max_train_rows: Optional[int] = 1024
+    max_test_rows: Optional[int] = 2000
     seed: int = 0
-    contenders: Dict[str, Any] = field(default_factory=dict)
+    metric: str = "auto"
+    device: Device = Device.auto
+    threads: Optional[int] = None  # torch threads; None: torch's default (every core)
+    entry_defaults: EntryDefaults = field(default_factory=EntryDefaults)
+    entries: Dict[str, Any] = field(default_factory=dict)
     out_dir: str = "runs/leaderboard"
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .config import (DatasetConfig, Device, LeaderboardConfig, LoraSettings, PretrainConfig,
+from .config import (DatasetConfig, Device, LeaderboardConfig, LoraSettings, Objective, PretrainConfig,
                      StrategyConfig, conf_dir)
 from .errors import TabTuneError
-from .models.registry import ADAPTERS
+from .models.registry import SPECS
 
 
 @dataclass
@@ -26,6 +26,8 @@ class TrainSchema:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     device: Device = Device.auto
     seed: int = 0
+    objective: Objective = Objective.auto  # the validation metric a job returns to a sweeper (hparams_search)
+    threads: Optional[int] = None  # torch threads; None: all cores, shared out among parallel sweep jobs
 
 
 def register() -> None:
@@ -34,20 +36,32 @@ def register() -> None:
     store.store(name="train_schema", node=TrainSchema)
     store.store(name="pretrain_schema", node=PretrainConfig)
     store.store(name="leaderboard_schema", node=LeaderboardConfig)
-    for name, cls in ADAPTERS.items():
-        store.store(group="schema/model", name=name, node=cls.config_class)
+    for name, spec in SPECS.items():
+        store.store(group="schema/model", name=name, node=spec.config_class)
     if not OmegaConf.has_resolver("tabtune.is_set"):
         OmegaConf.register_new_resolver("tabtune.is_set", lambda value: value is not None)
     if not OmegaConf.has_resolver("tabtune.models_help"):
         OmegaConf.register_new_resolver("tabtune.models_help", models_help)
+    if not OmegaConf.has_resolver("tabtune.direction"):
+        OmegaConf.register_new_resolver("tabtune.direction", _metric_direction)
+    if not OmegaConf.has_resolver("tabtune.times"):  # lora_alpha: ${tabtune.times:2,${lora.r}}
+        OmegaConf.register_new_resolver("tabtune.times", lambda a, b: a * b)
+
+
+def _metric_direction(name: str) -> str:
+    """``evaluation.metrics.direction``, imported when a config asks: that module imports scikit-learn, which
+    ``train --help`` and config validation do not need (issue #15)."""
+    from .evaluation.metrics import direction
+
+    return direction(name)
 
 
 def models_help() -> str:
     """The models block of ``tabtune train --help``: each model's tasks, limits and default LoRA targets."""
     lines = ["== Models (model=<name>) =="]
-    for name, cls in sorted(ADAPTERS.items()):
-        lines.append(f"{name} ({cls.title}): {', '.join(cls.tasks)}; {cls.limits}")
-        lines.append(f"    LoRA targets (lora.target_modules=null): {', '.join(cls.default_lora_prefixes)}")
+    for name, spec in sorted(SPECS.items()):
+        lines.append(f"{name} ({spec.title}): {', '.join(spec.tasks)}; {spec.limits}")
+        lines.append(f"    LoRA targets (lora.target_modules=null): {', '.join(spec.default_lora_prefixes)}")
     return "\n".join(lines)
 
 
@@ -59,6 +73,10 @@ def one_line(exc: BaseException) -> str:
     cause = exc
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
+    for what, extra in PLUGIN_EXTRAS.items():  # a shipped launcher/sweeper config whose plugin is absent
+        if f"Could not find '{what}'" in str(exc) or f"Could not load '{what}'" in str(exc):
+            group, _, option = what.rpartition("/")
+            return f"{group}={option} needs a Hydra plugin that is not installed: pip install 'tabtune-cli[{extra}]'"
     if isinstance(exc, MissingConfigException) or "Could not find" in str(exc):
         text = str(exc)
         first = text.splitlines()[0]
@@ -77,6 +95,11 @@ def one_line(exc: BaseException) -> str:
         message = str(cause).splitlines()[0]
         return f"config key '{cause.full_key}': {message}" if getattr(cause, "full_key", None) else message
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# the Hydra plugins behind shipped configs, and the optional extra (pyproject.toml) that installs each
+PLUGIN_EXTRAS = {"hydra/launcher/submitit_slurm": "slurm", "hydra/launcher/submitit_local": "slurm",
+                 "hydra/launcher/ray": "ray", "hydra/sweeper/optuna": "optuna"}
 
 
 def check_overrides(argv: list[str], config_name: str, validate=None) -> None:

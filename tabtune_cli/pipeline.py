@@ -6,9 +6,13 @@ Follows scikit-learn's conventions: ``__init__`` only stores its arguments,
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import json
 import logging
+import re
 import resource
 import shutil
 import sys
@@ -49,9 +53,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a new peak (``_peak_memory_mb`` reports the peak since), so that a fit reports its own
+    peak and not an earlier one's: a sweep runs its jobs one after another in one process."""
+    gc.collect()  # the previous job's garbage, and the C heap's free pages, go back first: the peak starts
+    with contextlib.suppress(OSError, AttributeError):  # from what this process holds now (glibc only)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: the process's peak resident set (VmHWM) starts again from its current one
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """MiB at the peak since ``_reset_peak_memory``: CUDA's allocator peak, or the process's peak resident
+    set on CPU (Linux; elsewhere ``ru_maxrss``, the process's peak over its whole life)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, AttributeError):
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) / 2**10
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
@@ -117,12 +138,16 @@ class TabularPipeline:
         return adapter, strategy, model_config, lora_settings, device, save_path
 
     # ---- fitting ---------------------------------------------------------------------------
-    def fit(self, X: pd.DataFrame, y, X_val: pd.DataFrame | None = None, y_val=None, on_record=None):
+    def fit(self, X: pd.DataFrame, y, X_val: pd.DataFrame | None = None, y_val=None, on_record=None,
+            checkpoint_dir: str | Path | None = None):
         """Fit preprocessing on ``X``, build the model and apply the strategy.
 
         Validation rows (``X_val``, or a seeded 10% of ``X`` when fine-tuning without it) choose the
         epoch; their metrics are taken with the training rows alone as context (``val_metrics_``), and
         then they join the context, as the command line does with its validation split.
+
+        ``checkpoint_dir``: fine-tuning writes a resumable checkpoint there after every epoch, and a
+        ``fit`` with the same data and settings on a folder that holds one resumes from it.
         """
         adapter, strategy, model_config, lora_settings, self.device_name_, save_path = self._configs()
         X, y = self._check_xy(X, y, "X")
@@ -134,8 +159,13 @@ class TabularPipeline:
                                      seed=self.seed)
             X, y = rest.drop(columns="__target__"), rest["__target__"].rename(y.name)
             X_val, y_val = held.drop(columns="__target__"), held["__target__"].rename(y.name)
-        started = time.perf_counter()
         device = resolve_device(self.device_name_)
+        if strategy.name == StrategyName.peft:
+            # peft's imports (transformers) take seconds: done before the clock and the memory peak start,
+            # so that a sweep's first job is measured as its others are
+            import peft  # noqa: F401
+        _reset_peak_memory(device)
+        started = time.perf_counter()
         torch.manual_seed(self.seed)
 
         self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features).fit(X, y)
@@ -180,7 +210,8 @@ class TabularPipeline:
                 on_best = None if save_path is None else lambda m: self._write_best(m, save_path)
                 self.train_result_ = train(adapter, module, task, Split(X_train, y_train), val, strategy,
                                            model_config, device, self.seed, on_record=on_record, on_best=on_best,
-                                           lr_ratio=lora_settings.lr_ratio if self.is_peft else None)
+                                           lr_ratio=lora_settings.lr_ratio if self.is_peft else None,
+                                           checkpoints=None if checkpoint_dir is None else Path(checkpoint_dir))
                 if save_path is not None:  # the restored best, also when no epoch beat the start
                     self._write_best(module, save_path)
             module.eval()
@@ -190,6 +221,7 @@ class TabularPipeline:
             self.context_y_ = np.concatenate([y_train, val.y])
         module.eval()
         self.fit_seconds_ = time.perf_counter() - started
+        self.peak_memory_mb_ = _peak_memory_mb(device)
         self.rows_ = {"train": int(len(X_train)), "val": int(0 if X_val is None else len(X_val))}
         return self
 
@@ -198,7 +230,11 @@ class TabularPipeline:
         return self.strategy_.name == StrategyName.peft
 
     def _apply_strategy(self, adapter, module, strategy, model_config, lora_settings):
-        """``module`` ready for ``strategy``: adapters from ``model.adapters`` (if set) and/or new ones."""
+        """``module`` ready for ``strategy``: adapters from ``model.adapters`` (if set) and/or new ones, its
+        repeated blocks recomputed in backward under ``strategy.gradient_checkpointing``."""
+        # base-ft trains what the model itself trains: a parameter built frozen (TabICL's fixed rotary
+        # frequencies) stays frozen, as in the model's own training
+        learnable = {n for n, p in module.named_parameters() if p.requires_grad}
         if model_config.adapters:
             source = self._check_adapter_run(model_config.adapters, adapter)
             module = lora.load(module, source, trainable=strategy.name == StrategyName.peft)
@@ -206,8 +242,13 @@ class TabularPipeline:
                 module = lora.fold(module)[0]
             log.info("adapters from %s", source)
         if strategy.name == StrategyName.peft:
-            return module if model_config.adapters else lora.wrap(adapter, module, lora_settings)
-        module.requires_grad_(strategy.name == StrategyName.base_ft)
+            if not model_config.adapters:
+                module = lora.wrap(adapter, module, lora_settings)
+        else:
+            for name, p in module.named_parameters():
+                p.requires_grad_(strategy.name == StrategyName.base_ft and name in learnable)
+        if strategy.gradient_checkpointing and strategy.name != StrategyName.inference:
+            adapter.set_gradient_checkpointing(module, True)
         return module
 
     def _check_adapter_run(self, source, adapter) -> Path:
@@ -310,13 +351,14 @@ class TabularPipeline:
         """Fit-time facts for metrics.json: seconds, peak memory, parameter counts, rows."""
         self._check_fitted()
         params = list(self.module_.parameters())
-        out = {"fit_seconds": self.fit_seconds_, "peak_memory_mb": _peak_memory_mb(self.device_),
+        out = {"fit_seconds": self.fit_seconds_, "peak_memory_mb": self.peak_memory_mb_,
                "trainable_params": int(sum(p.numel() for p in params if p.requires_grad)),
                "total_params": int(sum(p.numel() for p in params)), "rows": dict(self.rows_)}
         if self.train_result_ is not None:
             r = self.train_result_
             out["training"] = {"best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "steps": r.steps,
-                               "val_before": r.val_before, "val_best": r.best_val}
+                               "val_before": r.val_before, "val_best": r.best_val,
+                               **({"stopped": r.stopped} if r.stopped else {})}
         return out
 
     # ---- persistence -----------------------------------------------------------------------
@@ -433,6 +475,7 @@ class TabularPipeline:
         self.val_metrics_ = meta.get("val_metrics", {})
         self.provenance_ = meta.get("provenance", {})
         self.fit_seconds_ = meta["summary"]["fit_seconds"]
+        self.peak_memory_mb_ = meta["summary"].get("peak_memory_mb")
         self.rows_ = meta["summary"]["rows"]
         return self
 

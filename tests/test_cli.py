@@ -19,7 +19,7 @@ from tabtune_cli import TabularPipeline, rundir
 from tabtune_cli.commands.train import plain_configs
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.hydra_conf import compose_train, conf_dir
-from tabtune_cli.models.registry import ADAPTERS
+from tabtune_cli.models.registry import ADAPTERS, SPECS
 
 TABTUNE = [sys.executable, "-m", "tabtune_cli"]
 # the foundation tests drive TabICL (the default model is nano, tested below and in test_adapters)
@@ -108,7 +108,9 @@ def check_run(run_dir: Path, strategy: str) -> dict:
     if strategy == "inference":
         assert metrics["trainable_params"] == 0 and "adapter_model.safetensors" not in files
     if strategy == "base-ft":
-        assert metrics["trainable_params"] == metrics["total_params"] and "model.safetensors" in files
+        # every weight but the few the model builds frozen (TabICL's 4 fixed rotary frequencies, OrionMSP's 12)
+        frozen = metrics["total_params"] - metrics["trainable_params"]
+        assert 0 <= frozen <= 0.001 * metrics["total_params"] and "model.safetensors" in files
     if strategy == "peft":
         assert {"adapter_model.safetensors", "adapter_config.json"} <= files
         assert 0 < metrics["trainable_params"] < metrics["total_params"]
@@ -171,6 +173,9 @@ def bad_tables(tmp_path_factory):
     (root / "empty.csv").write_text("a,b,label\n")
     pd.DataFrame({"a": [1, 2, 3, 4], "label": ["x"] * 4}).to_csv(root / "one_class.csv", index=False)
     pd.DataFrame({"a": [1, 2, 3, 4], "label": ["x", "y"] * 2}).to_csv(root / "ok.csv", index=False)
+    for width in (40, 520):  # wider than TabDPT's tiny size (32), than Mitra (500) and ContextTab (499) take
+        wide = pd.DataFrame(np.random.default_rng(0).normal(size=(30, width)), columns=[f"c{i}" for i in range(width)])
+        wide.assign(label=["x", "y"] * 15).to_csv(root / f"wide{width}.csv", index=False)
     return root
 
 
@@ -182,6 +187,12 @@ def bad_tables(tmp_path_factory):
     (["dataset.path={root}/ok.csv", "dataset.target=label", "dataset.text_columns=[comment]"],
      "dataset.text_columns names 'comment', which is not a feature column"),
     (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["model=mitra", "dataset.path={root}/wide520.csv", "dataset.target=label"],
+     "wide520: Mitra reads at most 500 features; this table has 520 after preprocessing"),
+    (["model=contexttab", "dataset.path={root}/wide520.csv", "dataset.target=label"],
+     "ContextTab reads at most 499 feature columns; this table has 520"),
+    (["model=tabdpt", "strategy=peft", "dataset.path={root}/wide40.csv", "dataset.target=label"],
+     "TabDPT reads at most 32 features; this table has 40 after preprocessing"),
     (["strategy.learnign_rate=0.1"], "'strategy.learnign_rate'"),
     (["model.checkpoint={root}/nope.ckpt"], "model.checkpoint: no such file"),
     (["model=nano", "dataset=diabetes", "dataset.task=regression"], "model 'nano' does not support regression"),
@@ -203,17 +214,20 @@ def test_bad_input_is_one_line_and_leaves_no_finished_run(args, culprit, bad_tab
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("run.json"))
 
 
-def test_a_run_that_fails_midway_is_marked_failed_not_finished(tmp_path):
+def test_a_diverging_run_stops_there_and_keeps_its_best_weights(tmp_path):
     result = tabtune("train", *SMOKE, "strategy=base-ft", "strategy.learning_rate=1e12", "strategy.epochs=3",
                      "strategy.max_grad_norm=null", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(tmp_path / "runs")
-    manifest = json.loads((run_dir / "run.json").read_text())
-    assert result.returncode == 2, result.stderr
-    assert manifest["status"] == "failed" and "diverged" in manifest["error"]
-    assert not (run_dir / "metrics.json").exists() and not rundir.is_complete(run_dir)
+    training = json.loads((run_dir / "metrics.json").read_text())["training"]
+    assert training["stopped"].startswith("training diverged at epoch 1, step ")
+    assert "keeping the best weights so far (epoch 0)" in training["stopped"] and training["best_epoch"] == 0
+    assert "training diverged at epoch 1" in " ".join(result.stdout.split())  # said in the summary, not only the log
+    check_run(run_dir, "base-ft")  # finite metrics from the starting weights
+    assert rundir.is_complete(run_dir)
 
 
-@pytest.mark.parametrize("model", sorted(set(ADAPTERS) - {"tabicl"}))  # tabicl: the tests above
+@pytest.mark.parametrize("model", sorted(set(SPECS) - {"tabicl"}))  # tabicl: the tests above
 def test_smoke_runs_every_model_through_every_strategy(model, tables, tmp_path):
     result = tabtune("train", "-m", "debug=smoke", f"model={model}", "strategy=inference,base-ft,peft",
                      f"dataset.path={tables / 'table.csv'}", "dataset.target=label", cwd=tmp_path)
@@ -229,17 +243,66 @@ def test_help_and_ls_list_what_exists(tmp_path):
     assert top.returncode == 0 and "train" in top.stdout and "ls" in top.stdout
     train_help = tabtune("train", "--help", cwd=tmp_path)
     assert "strategy: base-ft, inference, peft" in train_help.stdout
-    assert f"model: {', '.join(sorted(ADAPTERS))}" in train_help.stdout
-    for name, cls in ADAPTERS.items():  # each model with its tasks, limits and default LoRA targets
-        assert f"{name} ({cls.title}): {', '.join(cls.tasks)}; {cls.limits}" in train_help.stdout
-        assert ", ".join(cls.default_lora_prefixes) in train_help.stdout
+    assert f"model: {', '.join(sorted(SPECS))}" in train_help.stdout
+    for name, spec in SPECS.items():  # each model with its tasks, limits and default LoRA targets
+        assert f"{name} ({spec.title}): {', '.join(spec.tasks)}; {spec.limits}" in train_help.stdout
+        assert ", ".join(spec.default_lora_prefixes) in train_help.stdout
     listing = tabtune("ls", cwd=tmp_path, env={"COLUMNS": "250"})
-    for word in (*ADAPTERS, "base-ft", "peft", "breast_cancer", "diabetes", "smoke"):
+    for word in (*SPECS, "base-ft", "peft", "breast_cancer", "diabetes", "smoke"):
         assert word in listing.stdout
-    for cls in ADAPTERS.values():  # each model's tasks, limits and LoRA targets
-        assert cls.limits and cls.default_lora_prefixes[0] in listing.stdout
+    for spec in SPECS.values():  # each model's tasks, limits and LoRA targets
+        assert spec.limits and spec.default_lora_prefixes[0] in listing.stdout
     unknown = tabtune("fly", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown command 'fly'" in unknown.stderr
+
+
+# what a command that only lists, helps or validates must not import (issue #15: each answers in a second)
+MODEL_PACKAGES = ("torch", "tabicl", "tabpfn", "tabdpt", "peft", "transformers")
+IMPORTED_AFTER = """
+import contextlib, io, json, sys
+from tabtune_cli.cli import main
+
+for args in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(args)
+        except SystemExit as exc:
+            code = exc.code
+    assert code in (0, None), (args, code)
+if len(sys.argv) > 2:  # the config checks `tabtune train` makes before it runs: every model, each strategy
+    from tabtune_cli.commands.train import plain_configs
+    from tabtune_cli.hydra_conf import check_overrides
+
+    check_overrides(json.loads(sys.argv[2]), "train", validate=plain_configs)
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+@pytest.mark.parametrize("commands,overrides", [
+    ([["--help"]], None),
+    ([["ls"]], None),
+    ([["train", "--help"]], None),
+    ([["cp", "train", "my.yaml"], ["validate", "my.yaml"]], None),
+    ([], ["-m", f"model={','.join(SPECS)}", "strategy=inference,peft", "debug=smoke"]),
+    ([], ["-m", f"model={','.join(SPECS)}", "strategy=base-ft"]),
+], ids=["help", "ls", "train-help", "validate", "config-checks", "config-checks-pretrained"])
+def test_listing_help_and_validation_import_no_model_package(commands, overrides, tmp_path):
+    # a fresh interpreter: what this test process already imported must not hide an import
+    argv = [json.dumps(commands)] + ([json.dumps(overrides)] if overrides else [])
+    result = subprocess.run([sys.executable, "-c", IMPORTED_AFTER, *argv], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert not imported & set(MODEL_PACKAGES), sorted(imported & set(MODEL_PACKAGES))
+
+
+def test_each_adapter_is_its_spec_plus_the_architecture():
+    # one source of truth: what `ls` and validation read (the spec) is what the adapter runs with
+    for name, spec in SPECS.items():
+        adapter = ADAPTERS[name]
+        assert issubclass(adapter, spec) and adapter.name == name
+        for key in ("title", "config_class", "tasks", "limits", "sizes", "checkpoints", "default_lora_prefixes"):
+            assert getattr(adapter, key) is getattr(spec, key), (name, key)
 
 
 # ---- installed wheel -------------------------------------------------------------------------
@@ -268,7 +331,7 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     assert rundir.is_complete(run_dir) and json.loads((run_dir / "metrics.json").read_text())["rows"]["test"] == 30
 
 
-REGRESSORS = sorted(name for name, cls in ADAPTERS.items() if "regression" in cls.tasks)
+REGRESSORS = sorted(name for name, spec in SPECS.items() if "regression" in spec.tasks)
 
 
 def test_regression_end_to_end_for_every_regression_model(tmp_path):

@@ -3,40 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import logging.handlers
+import shutil
+import signal
 import sys
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
 from .. import rundir
 from ..config import (DatasetConfig, LoraSettings, StrategyConfig, check_combination, check_strategy, from_dict,
                       to_dict)
-from ..data.dataset import load_dataset
 from ..errors import TabTuneError
-from ..evaluation.plots import training_curves
 from ..hydra_conf import check_overrides, conf_dir, given_keys, one_line, one_line_errors
 from ..models.base import Task
-from ..models.registry import get_adapter
+from ..models.registry import get_spec
 
 log = logging.getLogger("tabtune")
+CHECKPOINTS = "checkpoints"  # a run's resumable checkpoint while it trains; removed once it is complete
 
 
 def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset()):
     """The composed config as validated dataclasses, with value checks that types alone cannot make.
 
+    The first item is the model's spec (``models/base.ModelSpec``: name, title, tasks, ``check_task``,
+    ``checkpoint_file``), not its adapter: validation imports neither torch nor the model's package.
     ``given`` is the keys the user set on the command line: those this combination ignores are logged as
     warnings (see :func:`config.check_combination`)."""
     try:
         values = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
     except Exception as exc:
         raise TabTuneError(one_line(exc)) from None
-    adapter = get_adapter(values["model"]["name"])
-    model = from_dict(adapter.config_class, values["model"], "model")
+    spec = get_spec(values["model"]["name"])
+    model = from_dict(spec.config_class, values["model"], "model")
     strategy = from_dict(StrategyConfig, values["strategy"], "strategy")
     check_strategy(strategy)
     lora = from_dict(LoraSettings, values["lora"], "lora")
@@ -44,28 +45,40 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
         log.warning(warning, extra={"config_warning": True})
     dataset = from_dict(DatasetConfig, values["dataset"], "dataset")
     if not model.pretrained:
-        adapter.random_size(model)  # an unknown size fails here, before any data is read
+        spec.random_size(model)  # an unknown size fails here, before any data is read
     if values["device"] == "cuda":  # torch only then: validation stays light
         from ..pipeline import resolve_device
 
         resolve_device("cuda")
-    if dataset.task.value != "auto" and dataset.task.value not in adapter.tasks:
-        raise TabTuneError(f"model {adapter.name!r} does not support {dataset.task.value} "
-                           f"(it supports: {', '.join(adapter.tasks)})")
-    return adapter, model, strategy, lora, dataset, values
+    if dataset.task.value != "auto" and dataset.task.value not in spec.tasks:
+        raise TabTuneError(f"model {spec.name!r} does not support {dataset.task.value} "
+                           f"(it supports: {', '.join(spec.tasks)})")
+    return spec, model, strategy, lora, dataset, values
 
 
 def run(argv: list[str]) -> int:
-    """Entry for ``tabtune train ARGS``: validate every (sweep) composition first, then hand over to Hydra."""
+    """Entry for ``tabtune train ARGS``: validate every (sweep) composition first, then hand over to Hydra;
+    ``tabtune train resume=<run dir>`` carries on an interrupted run instead."""
     import hydra
 
+    from .. import sweep
+
+    signal.signal(signal.SIGTERM, _terminated)
+    if any(a.startswith("resume=") for a in argv):
+        return resume(argv)
     with config_warnings_on_console():
         check_overrides(argv, "train", validate=plain_configs)
         sys.argv = ["tabtune train", *argv]
         main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(
             one_line_errors(execute))
+        sweep.LAST_SWEEP.clear()
         main()
-    return 0
+    return 1 if sweep.LAST_SWEEP.get("failed") else 0  # a sweep whose jobs did not all complete
+
+
+def _terminated(signum, frame):
+    """SIGTERM (a scheduler's or ``kill``'s stop) ends a run as Ctrl-C does: marked interrupted, resumable."""
+    raise KeyboardInterrupt("terminated")
 
 
 class _FirstTimeOnly(logging.Filter):
@@ -99,38 +112,140 @@ def config_warnings_on_console():
 def preflight(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset()):
     """What a run checks before its run directory exists: ``plain_configs``' tuple and the loaded data."""
     adapter, model, strategy, lora, dataset, values = plain_configs(cfg, given)
+    from ..data.dataset import load_dataset  # here, not at the top: --help and validation stay light
+
     data = load_dataset(dataset, values["seed"])
     # an unsupported task or a missing checkpoint is the user's to fix: say so before a run directory exists
     adapter.check_task(Task(data.task), strategy.name.value)
     adapter.checkpoint_file(model, Task(data.task))
+    check_width(adapter, model, strategy.name.value, dataset, data)
     return (adapter, model, strategy, lora, dataset, values), data
 
 
-def execute(cfg: DictConfig) -> dict:
-    """One run: data, pipeline, evaluation, run directory. Returns metrics.json's content."""
+def check_width(spec, model, strategy: str, dataset, data) -> None:
+    """A table wider than the model takes is refused now, with the limit: the model's own preprocessing
+    is fitted on the training rows to count what it would read."""
+    limit = spec.feature_limit(model, strategy)
+    if limit is None:
+        return
+    from ..models.registry import get_adapter
+
+    X = data.train.drop(columns=data.target)
+    width = len(get_adapter(spec.name).preprocessor(model, dataset.text_columns, dataset.text_features)
+                .fit(X, data.train[data.target]).feature_names)
+    if width > limit:
+        raise TabTuneError(f"{data.name}: {spec.title} reads at most {limit} features; this table has {width} "
+                           f"after preprocessing (drop some with dataset.drop_columns)")
+
+
+def execute(cfg: DictConfig) -> float | None:
+    """One run: data, pipeline, evaluation, run directory. Returns the validation metric ``objective`` names,
+    for a sweeper to optimise (``hparams_search``).
+
+    A sweep's job (``-m``) stands alone (``sweep.py``): seeded, its share of the cores, its own peak memory;
+    when it fails it is recorded as failed (run.json, with the error; also one that fails before it starts),
+    says so in one line and returns None, so that the other jobs go on."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .. import sweep
 
     hydra_cfg = HydraConfig.get()
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     target_dir = Path(hydra_cfg.runtime.output_dir)
+    threads = sweep.start_job(cfg.seed, sweep.job_threads(cfg.threads, hydra_cfg.launcher if sweeping else None))
     early = logging.handlers.BufferingHandler(10_000)  # what is logged before train.log exists (config warnings)
     log.addHandler(early)
     try:
-        (adapter, model, strategy, lora, dataset, values), data = preflight(cfg, given_keys(hydra_cfg.overrides.task))
-    except TabTuneError:
-        rundir.discard_if_empty(target_dir)
-        raise
+        checked, data = preflight(cfg, given_keys(hydra_cfg.overrides.task))
+        sweep.check_objective(cfg.objective, data.task)
+    except TabTuneError as exc:
+        if not sweeping:
+            rundir.discard_if_empty(target_dir)
+            raise
+        run_dir = rundir.create(target_dir)  # the sweep's report shows this job, and why it never started
+        rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.finish(run_dir, "failed", error=str(exc))
+        return _job_failed(run_dir, exc, hydra_cfg)
     finally:
         log.removeHandler(early)
+    from ..tuning import distributed
+
+    if distributed.rank() != 0:  # torchrun: the other ranks train alongside rank 0, which alone writes the run
+        _, model, strategy, lora, _, values = checked
+        _train_and_write(None, data, model, strategy, lora, values)
+        return None
     run_dir = rundir.create(target_dir)
+    rundir.update(run_dir, dataset=data.source, threads=threads)
+    rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        metrics = _run(run_dir, checked, data, early.buffer)
+    except Exception as exc:  # _run recorded it in run.json; Ctrl-C still ends the whole sweep
+        if not sweeping:
+            raise
+        return _job_failed(run_dir, exc, hydra_cfg)
+    return sweep.objective_value(cfg.objective, metrics)
+
+
+def _job_failed(run_dir: Path, exc: Exception, hydra_cfg) -> None:
+    """A sweep's failed job: one line on stderr (TABTUNE_DEBUG=1: raised, for Hydra to show its traceback)."""
+    import os
+
+    from .. import sweep
+
+    if os.environ.get("TABTUNE_DEBUG"):
+        raise exc
+    sweep.job_failed(run_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                     list(hydra_cfg.overrides.task))
+    return None
+
+
+def resume(argv: list[str]) -> int:
+    """``tabtune train resume=<run dir>``: carry on an interrupted (or killed) run from its last checkpoint,
+    with its own config and data, into its own directory; it ends as the uninterrupted run would have."""
+    from ..tuning import checkpoint
+
+    if len(argv) != 1:
+        raise TabTuneError("resume=<run dir> takes no other arguments: a run resumes with its own config.yaml")
+    run_dir = Path(argv[0].split("=", 1)[1])
+    if not (run_dir / rundir.MANIFEST).is_file() or not (run_dir / "config.yaml").is_file():
+        raise TabTuneError(f"resume: {str(run_dir)!r} is not a run directory (no run.json and config.yaml)")
+    manifest = json.loads((run_dir / rundir.MANIFEST).read_text())
+    if manifest.get("status") == "complete":
+        raise TabTuneError(f"resume: {run_dir} is complete; there is nothing to resume")
+    if checkpoint.latest(run_dir / CHECKPOINTS) is None:
+        raise TabTuneError(f"resume: {run_dir} has no checkpoint (it stopped before its first epoch ended); "
+                           f"start it again instead")
+    with config_warnings_on_console():
+        checked, data = preflight(OmegaConf.load(run_dir / "config.yaml"))
+    if manifest.get("dataset") is not None and json.loads(json.dumps(data.source, default=str)) != manifest["dataset"]:
+        raise TabTuneError(f"resume: the data of {run_dir} changed since it started "
+                           f"({manifest['dataset'].get('path', 'its dataset')}); start a new run instead")
+    rundir.reopen(run_dir)
+    _run(run_dir, checked, data, [])
+    return 0
+
+
+def _run(run_dir: Path, checked: tuple, data, early_records: list) -> dict:
+    """Train, evaluate and write into ``run_dir`` (new, or reopened to resume), then mark it complete."""
+    from ..tuning import checkpoint
+
+    adapter, model, strategy, lora, dataset, values = checked
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    for record in early.buffer:
+    for record in early_records:
         handler.handle(record)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         metrics, provenance = _train_and_write(run_dir, data, model, strategy, lora, values)
+    except KeyboardInterrupt:
+        saved = checkpoint.latest(run_dir / CHECKPOINTS)
+        hint = (f"its last checkpoint is {saved.name}: tabtune train resume={run_dir}" if saved
+                else "no epoch had ended, so there is no checkpoint: start it again")
+        rundir.finish(run_dir, "interrupted", error=f"interrupted; {hint}")
+        print(f"tabtune: {hint}", file=sys.stderr)
+        raise
     except BaseException as exc:
         rundir.finish(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
@@ -139,11 +254,12 @@ def execute(cfg: DictConfig) -> dict:
         handler.close()
     # run.json is the run's manifest: where it came from, what it was, what it measured
     rundir.finish(run_dir, "complete", provenance=provenance, config=values, seed=values["seed"], metrics=metrics)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # only for resuming: a complete run has its weights
     show_summary(run_dir, metrics, adapter.title, strategy.name.value, data.name)
     return metrics
 
 
-def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> tuple[dict, dict]:
+def _train_and_write(run_dir: Path | None, data, model, strategy, lora, values) -> tuple[dict, dict]:
     from ..pipeline import TabularPipeline
 
     log.info("dataset %s: %d train, %d val, %d test rows; task %s", data.name, len(data.train), len(data.val),
@@ -162,8 +278,14 @@ def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> tupl
         text_columns=values["dataset"]["text_columns"], text_features=values["dataset"]["text_features"])
     has_val = len(X_val) > 0
     # validation rows choose the epoch, are scored with the training rows as context, then join the context
+    if run_dir is None:  # a torchrun rank but the first: train, write nothing
+        pipeline.fit(X_train, y_train, X_val if has_val else None, y_val if has_val else None)
+        return {}, {}
+    # a resumed fit replays the checkpoint's history through on_record: the file starts again from it
+    (run_dir / "history.jsonl").unlink(missing_ok=True)
     pipeline.fit(X_train, y_train, X_val if has_val else None, y_val if has_val else None,
-                 on_record=lambda record: rundir.append_jsonl(run_dir / "history.jsonl", record))
+                 on_record=lambda record: rundir.append_jsonl(run_dir / "history.jsonl", record),
+                 checkpoint_dir=run_dir / CHECKPOINTS)
     test = pipeline.evaluate(X_test, y_test)
     predict_seconds = test.pop("predict_seconds")
     rundir.write_parquet(run_dir / "predictions.parquet", _predictions(pipeline, X_test, y_test))
@@ -178,6 +300,8 @@ def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> tupl
     if "training" in summary:
         metrics["training"] = summary["training"]
     if pipeline.train_result_ is not None:
+        from ..evaluation.plots import training_curves
+
         training_curves(pipeline.train_result_.history, run_dir / "training.png",
                         f"{model.name} · {strategy.name.value} · {data.name}")
     rundir.write_json(run_dir / "metrics.json", metrics)
@@ -185,7 +309,9 @@ def _train_and_write(run_dir: Path, data, model, strategy, lora, values) -> tupl
     return metrics, pipeline.provenance_
 
 
-def _predictions(pipeline, X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
+def _predictions(pipeline, X, y):
+    import pandas as pd
+
     out = pd.DataFrame({"row": X.index.astype(str), "target": y.to_numpy()})
     if pipeline.task_.is_classification:
         proba = pipeline.predict_proba(X)
@@ -200,6 +326,9 @@ def _predictions(pipeline, X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
 
 
 def show_summary(run_dir: Path, metrics: dict, model: str, strategy: str, dataset: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     table = Table(title=f"{model} · {strategy} · {dataset}")
     table.add_column("metric")
@@ -215,4 +344,6 @@ def show_summary(run_dir: Path, metrics: dict, model: str, strategy: str, datase
     table.add_row("rows train / val / test",
                   f"{metrics['rows']['train']} / {metrics['rows']['val']} / {metrics['rows']['test']}", "")
     console.print(table)
+    if metrics.get("training", {}).get("stopped"):
+        console.print(f"[yellow]warning:[/yellow] {metrics['training']['stopped']}")
     console.print(f"run directory: [bold]{run_dir}[/bold]")

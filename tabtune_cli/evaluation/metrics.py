@@ -68,3 +68,26 @@ def compute_metrics(kind: str, y_true: np.ndarray, prediction: np.ndarray) -> di
 
 # the metric a validation pass watches, and whether lower is better
 VALIDATION_METRIC = {"classification": ("log_loss", True), "regression": ("rmse", True)}
+
+# every metric by task, and those where higher is better (the rest: lower is better)
+METRICS = {"classification": ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "roc_auc", "log_loss",
+                              "brier", "ece"),
+           "regression": ("rmse", "mae", "r2")}
+HIGHER_IS_BETTER = {"accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "roc_auc", "r2"}
+
+
+def direction(name: str) -> str:
+    """``maximize`` or ``minimize`` for metric ``name`` (``auto``: the validation metric, log loss or RMSE),
+    in Optuna's words; an unknown name is an error naming the known ones."""
+    name = getattr(name, "value", name)  # config.Objective, as the config holds it
+    known = {"auto", *METRICS["classification"], *METRICS["regression"]}
+    if name not in known:
+        raise ValueError(f"unknown metric {name!r} (known: {', '.join(sorted(known))})")
+    return "maximize" if name in HIGHER_IS_BETTER else "minimize"
+
+
+def objective_metric(objective, task: str) -> str:
+    """The metric a config's ``objective`` (``config.Objective`` or its name) names for ``task``: itself, or
+    for ``auto`` the validation metric training watches."""
+    objective = getattr(objective, "value", objective)
+    return VALIDATION_METRIC[task][0] if objective == "auto" else objective

@@ -20,7 +20,7 @@ commands:
   report  runs side by side (a sweep's, or any): table, report.csv, report.md, plots
           tabtune report runs/multirun/<date>/<time> [more dirs] [output=<folder>] [metric=<name>]
   ls      list models, strategies, built-in datasets and presets
-  leaderboard  contenders side by side on several tables (conf/leaderboard.yaml)
+  leaderboard  entries (model x strategy x overrides) side by side on tables, cross-validated (conf/leaderboard*.yaml)
   pretrain  pretrain the embedded nano model on synthetic tables (conf/pretrain.yaml; resumes)
   cp      copy a shipped config to edit: tabtune cp train my.yaml, then tabtune train --config my.yaml
           (group options: tabtune cp strategy/peft my_conf/strategy/mine.yaml; --config-dir my_conf strategy=mine)

@@ -141,7 +141,7 @@ def test_cp_lists_copies_and_never_overwrites(tabtune, tmp_path):
     assert {"train", "pretrain", "leaderboard", "model/tabicl", "strategy/peft", "lora/default",
             "dataset/file"} <= set(names)
     assert tabtune("cp")[1] == listing
-    assert "available: train, pretrain, leaderboard, dataset/" in one_error(*tabtune("cp", "model/huge", "x.yaml")[::2])
+    assert "available: train, pretrain, leaderboard, leaderboard_lora_ranks, leaderboard_strategies, dataset/" in one_error(*tabtune("cp", "model/huge", "x.yaml")[::2])
 
     code, out, _ = tabtune("cp", "lora/default", "mine.yaml")
     assert code == 0 and "copied lora/default to mine.yaml" in out

@@ -20,7 +20,8 @@ from ..errors import TabTuneError
 from ..hydra_conf import (CONFIG_FLAGS, HYDRA_FLAGS, compose_train, conf_dir, expand_config_flag, expand_sweeps,
                           given_keys, split_argv)
 
-TOP_CONFIGS = {"train": "train", "pretrain": "pretrain", "leaderboard": "leaderboard"}  # config -> its command
+TOP_CONFIGS = {"train": "train", "pretrain": "pretrain", "leaderboard": "leaderboard",  # config -> its command
+               "leaderboard_lora_ranks": "leaderboard", "leaderboard_strategies": "leaderboard"}
 
 CP_USAGE = """usage: tabtune cp <config> <file or folder> [--force]
        tabtune cp --list

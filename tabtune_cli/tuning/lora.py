@@ -172,6 +172,9 @@ def add(model, path, name: str) -> None:
                if not n.endswith(".base_layer") and n.replace(".base_layer", "") not in names}
     if isinstance(config.target_modules, (list, set)):
         config.target_modules = sorted(wrapped.get(t, t) for t in config.target_modules)
+    from .lora_layers import make_plain
+
+    make_plain(model)  # peft's add_adapter knows its own layer classes only; low_rank again below
     model.add_adapter(name, config)
     # peft does not descend into a module it already wrapped (TabICL's attn around its out_proj): those
     # LoRA layers get the new adapter here, with peft's own per-layer call

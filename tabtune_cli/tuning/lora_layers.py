@@ -79,3 +79,14 @@ def make_low_rank(model: nn.Module) -> nn.Module:
         elif type(layer) is ParamWrapper:
             layer.__class__ = LowRankParamWrapper
     return model
+
+
+def make_plain(model: nn.Module) -> nn.Module:
+    """Undo :func:`make_low_rank`: peft's own classes again, for peft calls that recognise only those
+    (``add_adapter`` takes a low-rank ``ParamWrapper`` for a layer it cannot wrap)."""
+    for layer in model.modules():
+        if type(layer) is LowRankLinear:
+            layer.__class__ = Linear
+        elif type(layer) is LowRankParamWrapper:
+            layer.__class__ = ParamWrapper
+    return model

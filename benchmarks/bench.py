@@ -29,6 +29,16 @@ TOPICS = ["startup", "inference_tabicl", "inference_tabpfn", "inference_tabdpt",
           "finetune_nano", "peft_memory", "flights", "distributed"]
 
 
+def standalone(doc: str, run) -> None:
+    """One topic alone, as a script: ``python benchmarks/<topic>.py [--quick] [--out DIR]``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(run(Path(args.out), args.quick)["markdown"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench", help="output folder (default: bench)")

@@ -18,7 +18,6 @@ Run alone: ``python benchmarks/inference_nano.py [--quick] [--out bench]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -168,14 +167,7 @@ def run(out_dir: Path, quick: bool) -> dict:
                          ".venv/bin/python -m pytest -q tests/test_nano.py -k 'forward or recipe or reused or once'"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench")
-    args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    print(run(Path(args.out), args.quick)["markdown"])
-
-
 if __name__ == "__main__":
-    main()
+    from bench import standalone
+
+    standalone(__doc__, run)

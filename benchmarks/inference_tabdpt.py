@@ -27,7 +27,6 @@ Run alone: ``python benchmarks/inference_tabdpt.py [--quick] [--out bench]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -216,14 +215,7 @@ def run(out_dir: Path, quick: bool) -> dict:
                          ".venv/bin/python -m pytest -q tests/test_tabdpt.py"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench")
-    args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    print(run(Path(args.out), args.quick)["markdown"])
-
-
 if __name__ == "__main__":
-    main()
+    from bench import standalone
+
+    standalone(__doc__, run)

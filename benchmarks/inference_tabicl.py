@@ -22,7 +22,6 @@ Run alone: ``python benchmarks/inference_tabicl.py [--quick] [--out bench]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -187,14 +186,7 @@ def run(out_dir: Path, quick: bool) -> dict:
                          ".venv/bin/python -m pytest -q -s tests/test_tabicl_recipe.py"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench")
-    args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    print(run(Path(args.out), args.quick)["markdown"])
-
-
 if __name__ == "__main__":
-    main()
+    from bench import standalone
+
+    standalone(__doc__, run)

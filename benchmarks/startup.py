@@ -15,7 +15,6 @@ Run alone: ``python benchmarks/startup.py [--quick] [--out bench]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -126,14 +125,7 @@ def run(out_dir: Path, quick: bool) -> dict:
                          ".venv/bin/python -m pytest -q tests/test_cli.py -k import_no_model_package"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench")
-    args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    print(run(Path(args.out), args.quick)["markdown"])
-
-
 if __name__ == "__main__":
-    main()
+    from bench import standalone
+
+    standalone(__doc__, run)

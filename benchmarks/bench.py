@@ -29,6 +29,24 @@ TOPICS = ["startup", "inference_tabicl", "inference_tabpfn", "inference_tabdpt",
           "finetune_nano", "peft_memory", "flights", "distributed"]
 
 
+def timed(call) -> tuple[float, object]:
+    """``(seconds, result)`` of ``call()``."""
+    started = time.perf_counter()
+    out = call()
+    return time.perf_counter() - started, out
+
+
+def binary_table(n: int, n_features: int, seed: int = 0):
+    """``n`` rows of normal features and a noisy yes/no label read from x0 and x1: the inference topics' table."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, n_features)), columns=[f"x{i}" for i in range(n_features)])
+    y = pd.Series(np.where(X["x0"] + 0.5 * X["x1"] + rng.normal(scale=0.5, size=n) > 0, "yes", "no"), name="label")
+    return X, y
+
+
 def standalone(doc: str, run) -> None:
     """One topic alone, as a script: ``python benchmarks/<topic>.py [--quick] [--out DIR]``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench import timed
 
 FULL = dict(n_context=2048, n_query=1000, repeats=3, n_predicts=10, small=10, uncached_predicts=2, n_features=10,
             n_estimators=64)
@@ -41,12 +42,6 @@ def table(n: int, n_features: int, seed: int = 0) -> tuple[pd.DataFrame, pd.Seri
     score = X["x0"] + 0.5 * X["x1"] - 0.3 * X["x2"] + rng.normal(scale=0.5, size=n)
     y = pd.Series(np.select([score < -0.5, score < 0.5], ["low", "mid"], "high"), name="label")
     return X, y
-
-
-def timed(call) -> tuple[float, object]:
-    started = time.perf_counter()
-    out = call()
-    return time.perf_counter() - started, out
 
 
 def measure(quick: bool) -> dict:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+from bench import binary_table as table, timed
 
 FULL = dict(size="official", n_context=1000, n_query=1000, repeats=3, n_predicts=10, small=10, uncached_predicts=3,
             n_features=10)
@@ -60,19 +60,6 @@ def write_checkpoint(folder: Path, size: str) -> Path:
             if tensor.is_floating_point() and not tensor.any():
                 tensor.normal_(0.0, 0.02)
     return adapter.write_checkpoint(module.eval(), architecture, task, folder)
-
-
-def table(n: int, n_features: int, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
-    rng = np.random.default_rng(seed)
-    X = pd.DataFrame(rng.normal(size=(n, n_features)), columns=[f"x{i}" for i in range(n_features)])
-    y = pd.Series(np.where(X["x0"] + 0.5 * X["x1"] + rng.normal(scale=0.5, size=n) > 0, "yes", "no"), name="label")
-    return X, y
-
-
-def timed(call) -> tuple[float, object]:
-    started = time.perf_counter()
-    out = call()
-    return time.perf_counter() - started, out
 
 
 def measure(quick: bool) -> dict:

@@ -53,7 +53,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, factors) -> Tens
             out = flat.view(out.shape)
         return out
     As, Bs, scalings = zip(*factors)
-    return _FrozenLoRALinear.apply(x, weight, bias, scalings, *As, *Bs)
+    return _FrozenLoRALinear.apply(x, weight, bias, scalings, *As, *Bs).view(*x.shape[:-1], weight.shape[0])
 
 
 class _FrozenLoRALinear(torch.autograd.Function):
@@ -71,7 +71,7 @@ class _FrozenLoRALinear(torch.autograd.Function):
             hs.append(h)
         ctx.scalings = scalings
         ctx.save_for_backward(x, weight, *As, *Bs, *hs)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out  # (rows, out): shaped like x outside, so callers may modify views of it in place
 
     @staticmethod
     def backward(ctx, grad):

@@ -7,8 +7,9 @@ Writes ``bench/results.md`` (a section per topic, with the commands that reprodu
         return {"title": ..., "markdown": ..., "data": {...}, "commands": [...]}
 
 Timings are medians of interleaved repeats, reported as ratios; nothing here is asserted.
-``--only a,b`` runs some topics; ``--quick`` shrinks sizes and repeats (a smoke check of the
-benchmark itself, not figures to quote).
+``--only a,b`` runs some topics and keeps the others' last results (each section says when and
+where it was measured); ``--quick`` shrinks sizes and repeats (a smoke check of the benchmark itself,
+not figures to quote).
 """
 
 from __future__ import annotations
@@ -70,26 +71,38 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown topic {unknown[0]!r} (topics: {', '.join(TOPICS)})")
     sys.path.insert(0, str(HERE))
-    sections, data = [], {}
+    json_path = out / "results.json"
+
+    def saved() -> dict:  # re-read before each write: another `--only` run may have added its topics meanwhile
+        return json.loads(json_path.read_text()) if json_path.is_file() else {}
+
+    # topics not run this time keep their last results (a full run on a 2-core machine takes hours)
+    results = saved() if args.only else {}
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+               f"{torch.__version__}, CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+               f"{', QUICK (not figures to quote)' if args.quick else ''}")
     for topic in chosen:
         if not (HERE / f"{topic}.py").is_file():
-            sections.append(f"## {topic}\n\nNot measured yet: `benchmarks/{topic}.py` does not exist.\n")
             continue
         started = time.perf_counter()
         print(f"bench: {topic} ...", flush=True)
         result = importlib.import_module(topic).run(out, args.quick)
-        seconds = time.perf_counter() - started
-        commands = "\n".join(result.get("commands", []))
-        sections.append(f"## {result['title']}\n\n{result['markdown'].strip()}\n\n"
-                        f"Reproduce:\n\n```bash\n{commands or f'make bench ONLY={topic}'}\n```\n\n"
-                        f"_({seconds:.0f} s)_\n")
-        data[topic] = result.get("data", {})
-    header = (f"# tabtune benchmark\n\n{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()}"
-              f" · {torch.get_num_threads()} threads · torch {torch.__version__}"
-              f" · CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
-              f"{' · QUICK (not figures to quote)' if args.quick else ''}\n\n")
-    (out / "results.md").write_text(header + "\n".join(sections))
-    (out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        results = {**(saved() if args.only else results), topic: {
+            **result, "seconds": time.perf_counter() - started,
+            "measured": f"{time.strftime('%Y-%m-%d %H:%M')}, {machine}"}}
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results = saved() if args.only else results
+    sections = []
+    for topic in TOPICS:
+        if topic not in results:
+            sections.append(f"## {topic}\n\nNot measured: `make bench ONLY={topic}`"
+                            f"{'' if (HERE / f'{topic}.py').is_file() else f' (benchmarks/{topic}.py does not exist)'}.\n")
+            continue
+        r = results[topic]
+        commands = "\n".join(r.get("commands", [])) or f"make bench ONLY={topic}"
+        sections.append(f"## {r['title']}\n\n{r['markdown'].strip()}\n\nReproduce:\n\n```bash\n{commands}\n```\n\n"
+                        f"_(measured {r['measured']}; {r['seconds']:.0f} s)_\n")
+    (out / "results.md").write_text("# tabtune benchmark\n\n" + "\n".join(sections))
     print(f"bench: wrote {out / 'results.md'}")
     return 0
 

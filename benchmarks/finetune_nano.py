@@ -208,6 +208,7 @@ def run(out_dir: Path, quick: bool, tables: list[str] | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "finetune_nano.jsonl"
+    log_path.unlink(missing_ok=True)  # this run's rows only
 
     def on_row(row):
         with log_path.open("a") as fh:

@@ -244,6 +244,13 @@ def test_help_and_ls_list_what_exists(tmp_path):
     train_help = tabtune("train", "--help", cwd=tmp_path)
     assert "strategy: base-ft, inference, peft" in train_help.stdout
     assert f"model: {', '.join(sorted(SPECS))}" in train_help.stdout
+    assert "hydra/launcher: basic, joblib, ray_cluster, slurm" in train_help.stdout
+    assert "schema/" not in train_help.stdout  # the typed schemas are ours, not options to pick
+    assert "  name: nano\n" in train_help.stdout and "  name: inference\n" in train_help.stdout
+    tabicl_help = tabtune("train", "model=tabicl", "strategy=peft", "--help", cwd=tmp_path)
+    assert "  name: tabicl\n" in tabicl_help.stdout and "  name: peft\n" in tabicl_help.stdout
+    bad_help = tabtune("train", "model=tabic", "--help", cwd=tmp_path)
+    assert bad_help.returncode == 2 and "unknown model 'tabic'" in bad_help.stderr
     for name, spec in SPECS.items():  # each model with its tasks, limits and default LoRA targets
         assert f"{name} ({spec.title}): {', '.join(spec.tasks)}; {spec.limits}" in train_help.stdout
         assert ", ".join(spec.default_lora_prefixes) in train_help.stdout

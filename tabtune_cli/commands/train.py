@@ -17,7 +17,7 @@ from .. import rundir
 from ..config import (DatasetConfig, LoraSettings, StrategyConfig, check_combination, check_strategy, from_dict,
                       to_dict)
 from ..errors import TabTuneError
-from ..hydra_conf import check_overrides, conf_dir, given_keys, one_line, one_line_errors
+from ..hydra_conf import check_overrides, conf_dir, given_keys, one_line, one_line_errors, train_help
 from ..models.base import Task
 from ..models.registry import get_spec
 
@@ -59,6 +59,10 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
 def run(argv: list[str]) -> int:
     """Entry for ``tabtune train ARGS``: validate every (sweep) composition first, then hand over to Hydra;
     ``tabtune train resume=<run dir>`` carries on an interrupted run instead."""
+    rest = [a for a in argv if a not in ("--help", "-h")]
+    if len(rest) < len(argv) and all("=" in a and not a.startswith(("-", "hydra")) for a in rest):
+        print(train_help(rest))  # the config those overrides compose (other flags: Hydra's own help)
+        return 0
     import hydra
 
     from .. import sweep

@@ -6,9 +6,11 @@ peak only ever grows): the same synthetic table of ``ROWS`` rows, TabICL at ``mo
 (its own constructor's defaults, 27.6M parameters) on random weights, one epoch of
 ``STEPS`` optimizer steps of the shipped episode shape, validated before and after on a few rows.
 The first step is the warm-up; seconds per step are the median of the others (the time between
-successive step records of the engine's own history). Peak RSS is the child's ``ru_maxrss``
-(``os.wait4``): the whole process, imports, model, training, validation and the save included;
-``fit`` is the child's own figure after ``fit``, before the save. The artifact is what the run
+successive step records of the engine's own history). Peak RSS is the child's own high-water mark
+(``VmHWM``, which starts afresh at ``exec``; ``ru_maxrss`` would not: a spawned child inherits its
+parent's peak, and ``make bench``'s process has run the heavier topics before): the whole process,
+imports, model, training, validation and the save included; ``fit`` is the same figure right after
+``fit``, before the save. The artifact is what the run
 trains: ``adapter_model.safetensors`` for peft, ``model.safetensors`` for base-ft. CPU.
 
 Run alone: ``python benchmarks/peft_memory.py [--quick] [--out bench]``.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,12 +72,12 @@ def measure_one(strategy: str, checkpointing: bool, size: dict) -> dict:
               "gradient_checkpointing": checkpointing}
     model = {"pretrained": False, "size": size["size"], "n_estimators": 1,
              "max_context_rows": size["context_size"]}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_mb()
     started = time.perf_counter()
     pipe = TabularPipeline("tabicl", tuning_strategy=strategy, tuning_params=tuning, model_params=model,
                            device="cpu").fit(X, y, on_record=on_record)
     fit_seconds = time.perf_counter() - started
-    fit_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fit_peak = peak_mb()
     steps = np.diff(stamps).tolist()  # the first step (warm-up) has no predecessor: left out
     cpu_steps = np.diff(cpu_stamps).tolist()
     summary = pipe.summary()
@@ -89,7 +90,7 @@ def measure_one(strategy: str, checkpointing: bool, size: dict) -> dict:
             "step_cpu_s": statistics.median(cpu_steps), "steps_cpu_s": cpu_steps,
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "artifact": artifact.name, "artifact_mb": artifact_mb,
-            "start_rss_mb": before, "fit_peak_rss_mb": fit_peak}
+            "start_rss_mb": before, "fit_peak_rss_mb": fit_peak, "peak_rss_mb": peak_mb()}
 
 
 def measure_saved(strategy: str, checkpointing: bool, size: dict) -> dict:
@@ -129,19 +130,24 @@ def measure_saved(strategy: str, checkpointing: bool, size: dict) -> dict:
     return {"saved_mb": sum(storages.values()) / 2**20, "peft_import_mb": import_mb}
 
 
+def peak_mb() -> float:
+    """This process's peak resident set so far, MiB (Linux ``VmHWM``: its own since ``exec``)."""
+    import torch
+
+    from tabtune_cli.pipeline import _peak_memory_mb
+
+    return _peak_memory_mb(torch.device("cpu"))
+
+
 def run_child(strategy: str, checkpointing: bool, size: dict, what: str = "fit") -> dict:
-    """``measure_one`` (``what="fit"``) or ``measure_saved`` (``"saved"``) in a fresh interpreter; adds its
-    peak RSS as ``os.wait4`` reports it."""
+    """``measure_one`` (``what="fit"``) or ``measure_saved`` (``"saved"``) in a fresh interpreter."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         spec = json.dumps({"strategy": strategy, "checkpointing": checkpointing, "size": size, "what": what})
-        child = subprocess.Popen([sys.executable, __file__, "--child", spec, "--result", str(out)], cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child = subprocess.run([sys.executable, __file__, "--child", spec, "--result", str(out)], cwd=ROOT)
         if child.returncode != 0:
             raise RuntimeError(f"peft_memory: {strategy} (checkpointing {checkpointing}) exited {child.returncode}")
-        result = json.loads(out.read_text())
-    return {**result, "peak_rss_mb": usage.ru_maxrss / 1024}  # KiB on Linux
+        return json.loads(out.read_text())
 
 
 def measure(quick: bool) -> dict:
@@ -199,7 +205,7 @@ one epoch of {size['steps']} optimizer steps of {size['batch_size']} episodes ({
 each configuration a fresh process on the CPU with {size['threads']} torch thread(s), {size['repeats']} interleaved
 repeat(s), medians. Seconds per step: the median of the {size['steps'] - 1} steps after the first (wall clock,
 and the process's CPU time, which other processes on a shared machine disturb less). Peak RSS: the whole
-child process (`os.wait4`), imports, model, validation and save included. Kept for backward: the distinct
+child process (its own `VmHWM`), imports, model, validation and save included. Kept for backward: the distinct
 storages one training forward of a step's episodes saves for backward (another fresh process, after one step;
 not taken with checkpointing, whose own hooks hide what the recomputed blocks keep).
 

@@ -7,6 +7,7 @@ or network is needed and the whole suite stays fast.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -102,3 +103,21 @@ class Bomb:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def tabtune(capsys, monkeypatch, tmp_path):
+    """``tabtune ARGS`` in this process, from ``tmp_path``: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["tabtune"])  # train hands sys.argv to Hydra
+
+    from tabtune_cli.cli import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call

@@ -3,36 +3,18 @@ driven in-process through the CLI's own entry point."""
 
 from __future__ import annotations
 
-import sys
 
 import pandas as pd
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tabtune_cli.cli import main
 from tabtune_cli.commands.config_tools import shipped_configs
 from tabtune_cli.config import LoraSettings, ModelConfig, StrategyConfig, StrategyName, check_combination
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.hydra_conf import compose_train
 
 FAST = ["debug=smoke", "dataset=iris"]  # nano (the default model), random tiny weights, 300 rows at most
-
-
-@pytest.fixture
-def tabtune(capsys, monkeypatch, tmp_path):
-    """``tabtune ARGS`` in this process, from ``tmp_path``: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["tabtune"])  # train hands sys.argv to Hydra
-
-    def call(*args: str) -> tuple[int, str, str]:
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
 
 
 def one_error(code: int, err: str) -> str:

@@ -3,14 +3,12 @@ mean ± standard deviation that the folds add up to, and entries checked before 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tabtune_cli.cli import main
 from tabtune_cli.commands.leaderboard import check_board, load_tables
 from tabtune_cli.data.builtin import load_builtin
 from tabtune_cli.errors import TabTuneError
@@ -26,22 +24,6 @@ BOARD = ["cv=kfold", "splits=2", "datasets=[{path:table.csv,target:target}]", "m
          "max_test_rows=null", "~entries", "+entries.zero-shot.strategy=inference",
          "+entries.lora-r2={strategy:peft,overrides:{lora:{r:2,lora_alpha:4}}}",
          "+entries.LR.baseline=logistic_regression", "out_dir=board"]
-
-
-@pytest.fixture
-def tabtune(capsys, monkeypatch, tmp_path):
-    """``tabtune ARGS`` in this process, from ``tmp_path``: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["tabtune"])
-
-    def call(*args: str) -> tuple[int, str, str]:
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
 
 
 def test_the_board_is_the_mean_and_std_of_its_folds(tabtune, tmp_path):

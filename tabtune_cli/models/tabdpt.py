@@ -459,13 +459,22 @@ class TabDPTAdapter(TabDPTSpec, ModelAdapter):
         Z = _standardise_like(torch.as_tensor(X, dtype=torch.float32))[0]
         visited = np.zeros(n_rows, dtype=bool)
         planned = []
+        def nearest(distance: torch.Tensor, excluded: np.ndarray, k: int) -> np.ndarray:
+            """The ``k`` rows nearest by ``distance``, leaving out ``excluded`` (a mask): O(rows), no sort."""
+            masked = distance.masked_fill(torch.as_tensor(excluded), float("inf"))
+            return masked.topk(k, largest=False).indices.numpy()
+
         for episode in episodes:
             anchor = rng.choice(np.flatnonzero(~visited)) if (~visited).any() else rng.integers(n_rows)
-            by_distance = torch.cdist(Z[anchor][None], Z)[0].argsort().numpy()
-            fresh = by_distance[~visited[by_distance]][:n_query]
-            query = np.concatenate([fresh, by_distance[~np.isin(by_distance, fresh)][: n_query - len(fresh)]])
+            distance = torch.cdist(Z[anchor][None], Z)[0]
+            # the anchor's nearest rows not yet queried this pass; near the pass's end, nearest others fill up
+            query = nearest(distance, visited, min(n_query, int((~visited).sum())))
+            taken = np.zeros(n_rows, dtype=bool)
+            taken[query] = True
+            query = np.concatenate([query, nearest(distance, taken, n_query - len(query))])
             visited[query] = True
-            context = by_distance[~np.isin(by_distance, query)][:n_context]
+            taken[query] = True
+            context = nearest(distance, taken, n_context)
             planned.append(dataclasses.replace(episode, context=context, query=query))
         return planned
 

@@ -9,8 +9,9 @@ rows to validate on, and they join the context afterwards. Test ROC AUC (macro o
 multi-class) and log loss come from the model's default prediction (64 members, calibrated).
 
 Run alone: ``python benchmarks/finetune_nano.py [--quick] [--tables a,b] [--out bench]``; rows are
-appended to ``<out>/finetune_nano.jsonl`` as they finish, so a partial run still shows its tables
-(``--render`` writes the table from that file).
+appended to ``<out>/finetune_nano.jsonl`` as they finish (after a first line of the settings), so a
+partial run still shows its tables (``--render`` writes the table from that file), and a run stopped
+part-way goes on from the tables it finished when started again with the same settings.
 """
 
 from __future__ import annotations
@@ -200,6 +201,16 @@ def shipped_settings() -> dict:
     return {s: {k: group_defaults("strategy", s).get(k) for k in keys} for s in ("base-ft", "peft")}
 
 
+def finished_rows(log_path: Path, settings: dict, tables: list[str]) -> list[dict]:
+    """The rows of tables an earlier run with the same settings finished (every strategy), from its log."""
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    if not lines or json.loads(lines[0]).get("settings") != settings:
+        return []
+    rows = [json.loads(line) for line in lines[1:]]
+    whole = {t for t in tables if {r["strategy"] for r in rows if r["table"] == t} == set(STRATEGIES)}
+    return [r for r in rows if r["table"] in whole]
+
+
 def run(out_dir: Path, quick: bool, tables: list[str] | None = None) -> dict:
     import torch
 
@@ -208,7 +219,9 @@ def run(out_dir: Path, quick: bool, tables: list[str] | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "finetune_nano.jsonl"
-    log_path.unlink(missing_ok=True)  # this run's rows only
+    settings = {"quick": QUICK_TUNING} if quick else shipped_settings()
+    done = finished_rows(log_path, settings, tables)  # an interrupted run goes on where it stopped
+    log_path.write_text("".join(json.dumps(x) + "\n" for x in [{"settings": settings}, *done]))
 
     def on_row(row):
         with log_path.open("a") as fh:
@@ -216,13 +229,15 @@ def run(out_dir: Path, quick: bool, tables: list[str] | None = None) -> dict:
         print(f"finetune_nano: {row['table']} {row['strategy']}: ROC AUC {row['roc_auc']:.4f} "
               f"log loss {row['log_loss']:.4f} ({row['steps']} steps, {row['fit_seconds']:.0f} s)", flush=True)
 
-    rows, skipped = [], []
+    rows, skipped = list(done), []
     for name in tables:
+        if any(r["table"] == name for r in done):
+            continue
         try:
             rows += run_table(name, quick, on_row=on_row)
         except Exception as exc:  # noqa: BLE001 - a table that cannot run is reported, the rest go on
             skipped.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    settings = {"quick": QUICK_TUNING} if quick else shipped_settings()
+    rows.sort(key=lambda r: tables.index(r["table"]))
     markdown = to_markdown(rows, settings) if rows else "No table ran.\n"
     if skipped:
         markdown += "\nNot run: " + "; ".join(skipped) + "\n"
@@ -243,7 +258,7 @@ def main() -> int:
     parser.add_argument("--render", action="store_true", help="only write the table from <out>/finetune_nano.jsonl")
     args = parser.parse_args()
     if args.render:
-        rows = [json.loads(line) for line in (Path(args.out) / "finetune_nano.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(args.out) / "finetune_nano.jsonl").read_text().splitlines()[1:]]
         markdown = to_markdown(rows, shipped_settings())
         (Path(args.out) / "finetune_nano.md").write_text(markdown)
         print(markdown)

@@ -23,7 +23,7 @@ demo: $(STAMP)  ## the shipped pretrained nano on a built-in table: zero-shot, t
 	.venv/bin/tabtune train model=nano strategy=peft $(DEMO)
 
 test: $(STAMP)  ## run the test suite (fast; CI runs this)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20  # the slowest tests, to keep the suite under 20 minutes
 
 test-all: $(STAMP)  ## the test suite including slow tests
 	$(PY) -m pytest -q -m ''

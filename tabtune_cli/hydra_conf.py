@@ -67,8 +67,8 @@ def models_help() -> str:
 
 def train_help(overrides: list[str] = ()) -> str:
     """``tabtune train [overrides] --help``: the config groups and their options (read from the config tree),
-    the config the overrides compose (one composition) and the models. Hydra's own help composes every group option and takes seconds;
-    this is what it shows, in a fraction of that (issue #15). ``--hydra-help`` still shows Hydra's."""
+    the config the overrides compose (one composition) and the models. Hydra's own help, which composes every
+    group option, took seconds to show the same (issue #15); ``--hydra-help`` still shows Hydra's."""
     root = conf_dir()
     groups = sorted({p.parent.relative_to(root).as_posix() for p in root.rglob("*.yaml") if p.parent != root})
     options = {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in groups}

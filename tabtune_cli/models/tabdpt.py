@@ -459,6 +459,7 @@ class TabDPTAdapter(TabDPTSpec, ModelAdapter):
         Z = _standardise_like(torch.as_tensor(X, dtype=torch.float32))[0]
         visited = np.zeros(n_rows, dtype=bool)
         planned = []
+
         def nearest(distance: torch.Tensor, excluded: np.ndarray, k: int) -> np.ndarray:
             """The ``k`` rows nearest by ``distance``, leaving out ``excluded`` (a mask): O(rows), no sort."""
             masked = distance.masked_fill(torch.as_tensor(excluded), float("inf"))

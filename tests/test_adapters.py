@@ -152,9 +152,10 @@ def test_more_classes_than_the_head_work(name, strategy):
 
 
 CONCRETE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "concrete.parquet"
-# one 64-query episode per step, constant learning rate: ~3 s per model on one CPU thread
-CONCRETE_TUNING = {"epochs": 20, "context_size": 256, "query_size": 64, "batch_size": 1, "learning_rate": 3e-3,
-                   "scheduler": "constant", "early_stopping_patience": None, "show_progress": False}
+# an epoch is one pass over the rows (13 steps of one 64-query episode), constant learning rate
+CONCRETE_TUNING = {"epochs": 20, "steps_per_epoch": None, "context_size": 256, "query_size": 64, "batch_size": 1,
+                   "learning_rate": 3e-3, "scheduler": "constant", "early_stopping_patience": None,
+                   "show_progress": False}
 
 
 @pytest.mark.skipif(not CONCRETE.is_file(), reason=f"{CONCRETE} is absent (the shared real-data tables)")

@@ -102,7 +102,10 @@ def main() -> int:
         commands = "\n".join(r.get("commands", [])) or f"make bench ONLY={topic}"
         sections.append(f"## {r['title']}\n\n{r['markdown'].strip()}\n\nReproduce:\n\n```bash\n{commands}\n```\n\n"
                         f"_(measured {r['measured']}; {r['seconds']:.0f} s)_\n")
-    (out / "results.md").write_text("# tabtune benchmark\n\n" + "\n".join(sections))
+    (out / "results.md").write_text(
+        "# tabtune benchmark\n\nWritten by `make bench` (every topic) or `make bench ONLY=a,b` (those topics; the "
+        "others keep their last results). Each section ends with the command that reproduces it and when, on "
+        "what and for how long it was measured; `results.json` holds the raw figures.\n\n" + "\n".join(sections))
     print(f"bench: wrote {out / 'results.md'}")
     return 0
 

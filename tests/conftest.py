@@ -105,19 +105,21 @@ class Bomb:
         return (os.system, (f"touch {self.marker}",))
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``tabtune ARGS`` in this process: (exit code, stdout, stderr)."""
+    from tabtune_cli.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def tabtune(capsys, monkeypatch, tmp_path):
     """``tabtune ARGS`` in this process, from ``tmp_path``: (exit code, stdout, stderr)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["tabtune"])  # train hands sys.argv to Hydra
-
-    from tabtune_cli.cli import main
-
-    def call(*args: str) -> tuple[int, str, str]:
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
+    return lambda *args: cli(capsys, *args)

@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 
 from tabtune_cli import TabularPipeline
-from tabtune_cli.cli import main
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.models.registry import ADAPTERS
+
+from conftest import cli
 
 TABTUNE = [sys.executable, "-m", "tabtune_cli"]
 # one torch thread per process: the two training sweeps run side by side on a small machine
@@ -160,16 +161,6 @@ def test_the_console_command_writes_csv_with_the_id_column(runs, replayed):
 
 
 # ---- the schema check ---------------------------------------------------------------------------
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``tabtune ARGS`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def one_line_error(code: int, err: str) -> str:
     lines = err.strip().splitlines()

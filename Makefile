@@ -22,8 +22,8 @@ demo: $(STAMP)  ## the shipped pretrained nano on a built-in table: zero-shot, t
 	.venv/bin/tabtune train model=nano strategy=inference $(DEMO)
 	.venv/bin/tabtune train model=nano strategy=peft $(DEMO)
 
-test: $(STAMP)  ## run the test suite (fast; CI runs this)
-	$(PY) -m pytest -q --durations=20  # the slowest tests, to keep the suite under 20 minutes
+test: $(STAMP)  ## run the test suite (fast; CI runs this); lists the 20 slowest, to keep it under 20 minutes
+	$(PY) -m pytest -q --durations=20
 
 test-all: $(STAMP)  ## the test suite including slow tests
 	$(PY) -m pytest -q -m ''

@@ -60,8 +60,8 @@ def namespace(data, monkeypatch):
         values = group_defaults(group, option)
         if group == "model" and option != "nano":
             values.update(pretrained=False, size="tiny", n_estimators=1, max_context_rows=256)
-        if group == "strategy" and option != "inference":
-            values.update(context_size=64, query_size=32)
+        if group == "strategy" and option != "inference":  # (a snippet's own keys still win)
+            values.update(context_size=64, query_size=32, steps_per_epoch=5)
         return values
 
     monkeypatch.setattr(pipeline_module, "group_defaults", tiny_defaults)

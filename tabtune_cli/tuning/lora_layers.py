@@ -70,23 +70,20 @@ class LowRankParamWrapper(ParamWrapper):
             del held[self.parameter_name]
 
 
+def _swap_classes(model: nn.Module, classes: dict) -> nn.Module:
+    for layer in model.modules():
+        if type(layer) in classes:
+            layer.__class__ = classes[type(layer)]
+    return model
+
+
 def make_low_rank(model: nn.Module) -> nn.Module:
     """``model`` with each of peft's plain LoRA ``Linear`` and ``ParamWrapper`` layers turned into the
     low-rank forms above, in place (the class only: parameters, names and adapters stay as they are)."""
-    for layer in model.modules():
-        if type(layer) is Linear:
-            layer.__class__ = LowRankLinear
-        elif type(layer) is ParamWrapper:
-            layer.__class__ = LowRankParamWrapper
-    return model
+    return _swap_classes(model, {Linear: LowRankLinear, ParamWrapper: LowRankParamWrapper})
 
 
 def make_plain(model: nn.Module) -> nn.Module:
     """Undo :func:`make_low_rank`: peft's own classes again, for peft calls that recognise only those
     (``add_adapter`` takes a low-rank ``ParamWrapper`` for a layer it cannot wrap)."""
-    for layer in model.modules():
-        if type(layer) is LowRankLinear:
-            layer.__class__ = Linear
-        elif type(layer) is LowRankParamWrapper:
-            layer.__class__ = ParamWrapper
-    return model
+    return _swap_classes(model, {LowRankLinear: Linear, LowRankParamWrapper: ParamWrapper})

@@ -1,22 +1,37 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
+LOCK    := constraints.txt
 DEMO    := dataset=breast_cancer
 
-.PHONY: help install demo test test-all parity bench bench-nano bench-mitra bench-text lint clean
+.PHONY: help install lock demo test test-all parity bench bench-nano bench-mitra bench-text lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install tabtune with its dependencies
 
-$(STAMP): pyproject.toml
+# The exact versions of the last green run (make lock writes them): a fresh clone installs what it had, not
+# whatever the registry holds today. pyproject.toml keeps ranges for people installing tabtune elsewhere.
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip -c $(LOCK)
 	# torch first: the CPU build; a bare requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
+
+lock:  ## resolve pyproject.toml's ranges afresh and write the exact versions to constraints.txt (then: make test)
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q $(TORCH)
+	.venv-lock/bin/python -m pip install -q -e '.[test]'
+	{ echo "# Exact versions for make install / make test / CI (written by make lock; torch is pinned in the Makefile)"; \
+	  echo "# Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^torch=='; } > $(LOCK).partial
+	mv $(LOCK).partial $(LOCK)
+	rm -rf .venv-lock
 
 demo: $(STAMP)  ## the shipped pretrained nano on a built-in table: zero-shot, then LoRA fine-tuning
 	.venv/bin/tabtune train model=nano strategy=inference $(DEMO)
@@ -67,4 +82,4 @@ lint: $(STAMP)  ## static checks (undefined names, unused imports, syntax)
 	.venv/bin/ruff check --select F,E9 tabtune_cli tests benchmarks
 
 clean:  ## remove the virtual environment and build outputs
-	rm -rf .venv .venv-parity .venv-parity-ag dist build
+	rm -rf .venv .venv-lock .venv-parity .venv-parity-ag dist build

@@ -468,3 +468,27 @@ def test_lora_and_fine_tuned_weights_get_the_package_recipe(tmp_path, split):
     estimator = package_estimator(tuned, False, 2).fit(pipe.context_X_, pipe.context_y_)
     theirs = estimator.predict_proba(pipe.preprocessor_.transform(X_test))
     np.testing.assert_allclose(pipe.predict_proba(X_test), theirs, rtol=0, atol=1e-4)
+
+
+def test_on_a_bf16_cpu_tabtune_takes_the_packages_autocast_too(tmp_path, monkeypatch):
+    """Where the CPU has native bf16 (AVX512-BF16, AMX), the package's default precision is bf16 autocast; tabtune
+    gives the estimator the package's default, so it predicts in bf16 there as the package does (simulated here:
+    this CPU has none, and the suite otherwise computes in float32, see conftest)."""
+    import tabpfn.utils
+
+    monkeypatch.setattr(tabpfn.utils, "_cpu_supports_fast_bf16", lambda: True)
+    path = tmp_path / "tabpfn-v2-classifier.ckpt"
+    released_v2_checkpoint(path)
+    adapter, task = get_adapter("tabpfn"), Task("classification", 4)
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    Xc, yc, Xq, _ = recipe_episode()
+    config = TabPFNConfig(checkpoint=str(path), n_estimators=2)
+    ours = adapter.fitted_estimator(module, Xc, yc, task, config, torch.device("cpu"))
+    theirs = package_estimator(path, False, 2).fit(Xc, yc)
+    assert ours.use_autocast_ is True and theirs.use_autocast_ is True
+    bf16 = ours.predict_proba(Xq)
+    monkeypatch.setattr(tabpfn.utils, "_cpu_supports_fast_bf16", lambda: False)
+    float32 = adapter.fitted_estimator(module, Xc, yc, task, config, torch.device("cpu"))
+    assert float32.use_autocast_ is False
+    # bf16 moves the answers by far more than the 1e-4 the float32 equality tests hold: why they pin float32
+    assert np.abs(float32.predict_proba(Xq) - bf16).max() > 1e-4

@@ -127,7 +127,7 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     pretrained: bool = True
     size: str = "tiny"
-    allow_download: bool = False
+    allow_download: bool = True  # a missing official checkpoint is fetched from the Hub (or HF_ENDPOINT)
     n_estimators: int = 4
     max_context_rows: int = 2048
     softmax_temperature: float = 0.9

@@ -230,8 +230,8 @@ def test_the_release_picks_the_hugging_face_file(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     adapter, task = ContextTabAdapter(), Task("classification", 3)
     assert adapter.checkpoint_file(ContextTabConfig(release="sap-rpt-1-oss"), task) == snapshot / filename
-    with pytest.raises(TabTuneError, match=r"'l2/base\.pt' is not available locally: download it from "
-                                           r"https://huggingface\.co/SAP/contexttab"):
+    with pytest.raises(TabTuneError, match=r"'l2/base\.pt' of SAP/contexttab is not in the Hugging Face cache.*"
+                                           r"download it from https://huggingface\.co/SAP/contexttab"):
         adapter.checkpoint_file(ContextTabConfig(), task)
     with pytest.raises(TabTuneError, match=r"model\.release: unknown ContextTab release 'rpt-2' "
                                            r"\(known: contexttab, sap-rpt-1-oss\)"):

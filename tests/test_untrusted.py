@@ -72,7 +72,9 @@ def test_a_swapped_base_checkpoint_is_refused(tmp_path):
         TabularPipeline.load(saved)
 
 
-def test_nothing_reaches_the_network_unless_downloads_are_allowed(monkeypatch):
+def test_nothing_reaches_the_network_when_downloads_are_off(monkeypatch):
+    import huggingface_hub.constants
+
     attempts = []
 
     def refuse(*args, **kwargs):
@@ -86,6 +88,10 @@ def test_nothing_reaches_the_network_unless_downloads_are_allowed(monkeypatch):
     for name in ("nano", "contexttab"):  # the shipped nano weights; ContextTab's sentence encoder
         params = {"n_estimators": 1} if name == "nano" else TINY_MODEL
         TabularPipeline(name, model_params=params, device="cpu").fit(X, y).predict(X.iloc[:5])
-    with pytest.raises(TabTuneError, match="not available locally"):
-        TabularPipeline("tabicl", device="cpu").fit(X, y)
+    with pytest.raises(TabTuneError, match="not in the Hugging Face cache, and HF_HUB_OFFLINE is set"):
+        TabularPipeline("tabicl", device="cpu").fit(X, y)  # the suite runs with HF_HUB_OFFLINE=1 (conftest)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(TabTuneError, match="model.allow_download=false keeps to the cache"):
+        TabularPipeline("tabicl", model_params={"allow_download": False}, device="cpu").fit(X, y)
     assert attempts == []

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from collections import OrderedDict
 from contextlib import contextmanager
-from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -353,36 +351,65 @@ def under_prefixes(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, model_title: str) -> Path:
-    """Return a local checkpoint file: ``model.checkpoint``, the Hub cache, or (if allowed) a download.
+def hub_offline() -> bool:
+    """Whether the user asked for the Hugging Face cache alone (``HF_HUB_OFFLINE``, as the Hub client reads it)."""
+    from huggingface_hub import constants
 
-    Offline or without permission the error says which file is missing and where to put it, at once.
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_endpoint() -> str:
+    """The Hub the client talks to: ``HF_ENDPOINT`` (a mirror, at any scheme, host and port) or huggingface.co."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, model_title: str) -> Path:
+    """Return a local checkpoint file: ``model.checkpoint``, the Hub cache, or a download (the default).
+
+    A download goes through the Hugging Face client as the models' own packages do: ``HF_ENDPOINT`` (a
+    mirror), the user's proxy settings, its progress bar and cache. ``model.allow_download=false`` or
+    ``HF_HUB_OFFLINE=1`` means the cache only. When the file is neither cached nor reachable the error says
+    which file, which repository, the endpoint that was tried and ``model.checkpoint=``, at once: a first
+    request without retries (the client's own metadata call, ``HF_HUB_ETAG_TIMEOUT``) decides, instead of
+    the client's minute of retries.
     """
     if config.checkpoint:
         path = Path(config.checkpoint).expanduser()
         if not path.is_file():
             raise TabTuneError(f"model.checkpoint: no such file {str(path)!r}")
         return path
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
     # the cache alone: hf_hub_download(local_files_only=True) still reaches the Hub (for its user agent)
     cached = try_to_load_from_cache(repo_id=repo_id, filename=filename)
     if isinstance(cached, str) and Path(cached).is_file():
         return Path(cached)
-    hint = (f"{model_title} checkpoint {filename!r} is not available locally: download it from "
-            f"https://huggingface.co/{repo_id} and pass model.checkpoint=/path/to/{filename}")
+    endpoint = hub_endpoint()
+    missing = (f"{model_title} checkpoint {filename!r} of {repo_id} is not in the Hugging Face cache, and")
+    fix = f"download it from {endpoint}/{repo_id} and pass model.checkpoint=/path/to/{filename}"
     if not config.allow_download:
-        raise TabTuneError(hint + ", or set model.allow_download=true")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    try:  # fail in seconds when offline, instead of the Hub client's minute of retries
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as exc:
-        raise TabTuneError(f"{hint} (no network: cannot reach {host}: {exc})") from None
+        raise TabTuneError(f"{missing} model.allow_download=false keeps to the cache: {fix}, or allow downloads")
+    if hub_offline():
+        raise TabTuneError(f"{missing} HF_HUB_OFFLINE is set, so nothing is downloaded: {fix}, or unset "
+                           f"HF_HUB_OFFLINE")
+    try:  # one request, no retries: fail in seconds when the endpoint cannot be reached
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        why = (f"{endpoint} answered {status}" if status else
+               f"{endpoint} cannot be reached ({_first_line(exc)})")
+        raise TabTuneError(f"{missing} {why}: {fix}") from None
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:
-        raise TabTuneError(f"{hint} (the download failed: {str(exc).splitlines()[0][:120]})") from None
+        raise TabTuneError(f"{missing} the download from {endpoint} failed ({_first_line(exc)}): {fix}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
 
 
 def load_weights(module: nn.Module, state: dict, path) -> nn.Module:

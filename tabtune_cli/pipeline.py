@@ -46,11 +46,18 @@ WEIGHT_FILES = {"model.safetensors", "adapter_model.safetensors", "adapter_confi
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TabTuneError("device=cuda but no CUDA device is available (use device=cpu or device=auto)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device ``device=name`` (auto, cpu, cuda) runs on: under ``torchrun``, this process's own GPU."""
+    from .tuning import distributed
+
+    return distributed.device(name)
+
+
+def device_facts(device: torch.device) -> dict:
+    """What a run records of the device it used: ``cpu`` or ``cuda:N`` and, on a GPU, its name."""
+    if device.type != "cuda":
+        return {"device": str(device)}
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return {"device": f"cuda:{index}", "gpu": torch.cuda.get_device_name(index)}
 
 
 def _reset_peak_memory(device: torch.device) -> None:

@@ -207,8 +207,11 @@ def _job_failed(run_dir: Path, exc: Exception, hydra_cfg) -> None:
 def resume(argv: list[str]) -> int:
     """``tabtune train resume=<run dir>``: carry on an interrupted (or killed) run from its last checkpoint,
     with its own config and data, into its own directory; it ends as the uninterrupted run would have."""
-    from ..tuning import checkpoint
+    from ..tuning import checkpoint, distributed
 
+    if distributed.launched():  # each rank would reopen and write the same run directory
+        raise TabTuneError(f"resume= under torchrun ({distributed.world_size()} processes): resume the run in one "
+                           f"process (tabtune train {argv[0]}), or start a new torchrun run")
     if len(argv) != 1:
         raise TabTuneError("resume=<run dir> takes no other arguments: a run resumes with its own config.yaml")
     run_dir = Path(argv[0].split("=", 1)[1])

@@ -285,6 +285,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 if ranks > 1:
                     batch = distributed.shard(batch, rank, ranks)
                 Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device)
+                # dropout's masks follow the episodes, not the process that feeds them (see distributed)
+                torch.manual_seed(distributed.micro_batch_seed(seed, epoch, b * ranks + rank))
                 with autocast():
                     out = adapter.episode_logits(module, Xc, yc, Xq, episode_task, model_config)
                     loss = adapter.episode_loss(out.float(), yq, episode_task)

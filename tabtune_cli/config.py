@@ -351,6 +351,11 @@ def check_combination(model: ModelConfig, strategy: StrategyConfig, lora: LoraSe
     if model.checkpoint is not None and not model.pretrained:
         raise TabTuneError(f"model.checkpoint={model.checkpoint!r} and model.pretrained=false contradict: random "
                            f"weights never read the checkpoint (drop one of them)")
+    for key in ("n_estimators", "max_context_rows"):
+        if getattr(model, key) < 1:
+            raise TabTuneError(f"model.{key} must be at least 1, got {getattr(model, key)}")
+    if not model.softmax_temperature > 0:
+        raise TabTuneError(f"model.softmax_temperature must be positive, got {model.softmax_temperature}")
     if lora.bias not in LORA_BIASES:
         raise TabTuneError(f"config key 'lora.bias': {lora.bias!r} is not one of: {', '.join(LORA_BIASES)}")
     r = lora.r

@@ -230,6 +230,7 @@ class TabularPipeline:
         self.fit_seconds_ = time.perf_counter() - started
         self.peak_memory_mb_ = _peak_memory_mb(device)
         self.rows_ = {"train": int(len(X_train)), "val": int(0 if X_val is None else len(X_val))}
+        self.fitted_on_ = device_facts(device)
         return self
 
     @property
@@ -355,10 +356,11 @@ class TabularPipeline:
         return {**metrics, "predict_seconds": seconds}
 
     def summary(self) -> dict:
-        """Fit-time facts for metrics.json: seconds, peak memory, parameter counts, rows."""
+        """Fit-time facts for metrics.json: the device it ran on (and GPU name), seconds, peak memory, parameter
+        counts, rows."""
         self._check_fitted()
         params = list(self.module_.parameters())
-        out = {"fit_seconds": self.fit_seconds_, "peak_memory_mb": self.peak_memory_mb_,
+        out = {**self.fitted_on_, "fit_seconds": self.fit_seconds_, "peak_memory_mb": self.peak_memory_mb_,
                "trainable_params": int(sum(p.numel() for p in params if p.requires_grad)),
                "total_params": int(sum(p.numel() for p in params)), "rows": dict(self.rows_)}
         if self.train_result_ is not None:
@@ -484,6 +486,7 @@ class TabularPipeline:
         self.fit_seconds_ = meta["summary"]["fit_seconds"]
         self.peak_memory_mb_ = meta["summary"].get("peak_memory_mb")
         self.rows_ = meta["summary"]["rows"]
+        self.fitted_on_ = {k: meta["summary"][k] for k in ("device", "gpu") if k in meta["summary"]}
         return self
 
     # ---- adapters --------------------------------------------------------------------------

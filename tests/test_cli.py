@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from tabtune_cli import TabularPipeline, rundir
@@ -101,6 +102,11 @@ def check_run(run_dir: Path, strategy: str) -> dict:
     assert test["log_loss"] > 0 and 0.0 <= test["roc_auc"] <= 1.0
     assert metrics["rows"]["test"] == len(pd.read_parquet(run_dir / "predictions.parquet"))
     assert metrics["total_params"] > 0
+    # the device the run used, not the setting (device=auto would not say): smoke runs set device=cpu, and the
+    # run's manifest and saved pipeline say the same
+    manifest = json.loads((run_dir / "run.json").read_text())
+    saved = json.loads((run_dir / "pipeline.json").read_text())
+    assert metrics["device"] == manifest["device"] == saved["summary"]["device"] == "cpu" and "gpu" not in metrics
     config = (run_dir / "config.yaml").read_text()
     assert "${" not in config and f"name: {strategy}" in config
     files = {p.name for p in run_dir.iterdir()}
@@ -142,6 +148,23 @@ def test_train_each_strategy_end_to_end(source, tables, tmp_path):
     for run_dir, strategy in zip(dirs, ["inference", "base-ft", "peft"]):
         check_run(run_dir, strategy)
     assert "run directory:" in result.stdout and "roc_auc" in result.stdout
+    assert " ".join(result.stdout.split()).count("device │ cpu") == 3  # each run's summary names its device
+
+
+def test_device_auto_records_the_device_it_resolved_to(tmp_path, monkeypatch):
+    """device=auto on a machine without CUDA runs on the CPU, and the run says so (a GPU run names its GPU:
+    ``gpu`` beside ``device``, from torch.cuda.get_device_name)."""
+    from tabtune_cli.pipeline import device_facts
+
+    result = tabtune("train", *SMOKE, "device=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    assert json.loads((run_dir / "pipeline.json").read_text())["device"] == "auto"  # the setting, kept
+    assert json.loads((run_dir / "metrics.json").read_text())["device"] == "cpu"    # what it ran on
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert device_facts(torch.device("cuda")) == {"device": "cuda:1", "gpu": "GPU 1"}
+    assert device_facts(torch.device("cpu")) == {"device": "cpu"}
 
 
 def test_a_saved_run_predicts_what_it_wrote(tables, tmp_path):

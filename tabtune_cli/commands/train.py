@@ -44,6 +44,7 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
     for warning in check_combination(model, strategy, lora, set(given)):
         log.warning(warning, extra={"config_warning": True})
     dataset = from_dict(DatasetConfig, values["dataset"], "dataset")
+    check_run_settings(values, dataset, strategy)
     if not model.pretrained:
         spec.random_size(model)  # an unknown size fails here, before any data is read
     if values["device"] == "cuda":  # torch only then: validation stays light
@@ -54,6 +55,27 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
         raise TabTuneError(f"model {spec.name!r} does not support {dataset.task.value} "
                            f"(it supports: {', '.join(spec.tasks)})")
     return spec, model, strategy, lora, dataset, values
+
+
+def check_run_settings(values: dict, dataset: DatasetConfig, strategy: StrategyConfig) -> None:
+    """The top-level settings and the ones that decide how rows are split or shared, each refused in one line
+    naming the key, before any data is read."""
+    from ..data.builtin import TARGET
+    from ..tuning import distributed
+
+    seed = values["seed"]
+    if not 0 <= seed < 2**32:  # numpy's and torch's generators take 0 .. 2**32 - 1
+        raise TabTuneError(f"seed={seed}: a seed is a whole number from 0 to {2**32 - 1}")
+    if values.get("threads") is not None and values["threads"] < 1:
+        raise TabTuneError(f"threads={values['threads']}: at least 1 (or null: every core)")
+    if dataset.max_rows is not None and dataset.max_rows < 2:
+        raise TabTuneError(f"dataset.max_rows={dataset.max_rows}: at least 2 rows (or null: every row)")
+    target = dataset.target or (None if dataset.path else TARGET)
+    if target is not None and target in dataset.drop_columns:
+        raise TabTuneError(f"dataset.drop_columns names the target {target!r}: the target cannot be dropped")
+    if target is not None and target in (dataset.text_columns or []):
+        raise TabTuneError(f"dataset.text_columns names the target {target!r}: it is what the model predicts")
+    distributed.check_shardable(strategy)
 
 
 def run(argv: list[str]) -> int:
@@ -260,7 +282,8 @@ def _run(run_dir: Path, checked: tuple, data, early_records: list) -> dict:
         log.removeHandler(handler)
         handler.close()
     # run.json is the run's manifest: where it came from, what it was, what it measured
-    rundir.finish(run_dir, "complete", provenance=provenance, config=values, seed=values["seed"], metrics=metrics)
+    rundir.finish(run_dir, "complete", provenance=provenance, config=values, seed=values["seed"],
+                  **{k: metrics[k] for k in ("device", "gpu") if k in metrics}, metrics=metrics)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # only for resuming: a complete run has its weights
     show_summary(run_dir, metrics, adapter.title, strategy.name.value, data.name)
     return metrics
@@ -299,7 +322,8 @@ def _train_and_write(run_dir: Path | None, data, model, strategy, lora, values) 
     pipeline.provenance_["dataset"] = data.source
     pipeline.save(run_dir)
     summary = pipeline.summary()
-    metrics = {"test": test, "val": pipeline.val_metrics_, "fit_seconds": summary["fit_seconds"],
+    device = {k: summary[k] for k in ("device", "gpu") if k in summary}  # what it ran on (device=auto says not)
+    metrics = {"test": test, "val": pipeline.val_metrics_, **device, "fit_seconds": summary["fit_seconds"],
                "predict_seconds": predict_seconds,
                "peak_memory_mb": summary["peak_memory_mb"], "trainable_params": summary["trainable_params"],
                "total_params": summary["total_params"],
@@ -345,6 +369,7 @@ def show_summary(run_dir: Path, metrics: dict, model: str, strategy: str, datase
         val = metrics["val"].get(name)
         table.add_row(name, "—" if value is None else f"{value:.4f}", "—" if val is None else f"{val:.4f}")
     table.add_section()
+    table.add_row("device", metrics["device"] + (f" ({metrics['gpu']})" if metrics.get("gpu") else ""), "")
     table.add_row("fit seconds", f"{metrics['fit_seconds']:.2f}", "")
     table.add_row("predict seconds", f"{metrics['predict_seconds']:.2f}", "")
     table.add_row("trainable / total params", f"{metrics['trainable_params']:,} / {metrics['total_params']:,}", "")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -52,12 +53,15 @@ class Mirror:
     """A Hub mirror on 127.0.0.1 at a free port; ``gets`` counts the file bodies it sent, by path."""
 
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.gets = files, {}
+        self.files, self.gets, self.hosts = files, {}, set()
         mirror = self
 
         class Handler(BaseHTTPRequestHandler):
             def answer(self, body: bool):
-                data = mirror.files.get(self.path.split("?")[0])
+                # a proxy's request line carries the whole URL (http://host/path): the file is its path
+                path = urlsplit(self.path).path
+                mirror.hosts.add(self.headers.get("Host"))
+                data = mirror.files.get(path)
                 if data is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "EntryNotFound")
@@ -71,7 +75,7 @@ class Mirror:
                 self.send_header("Content-Type", "application/octet-stream")
                 self.end_headers()
                 if body:
-                    mirror.gets[self.path] = mirror.gets.get(self.path, 0) + 1
+                    mirror.gets[path] = mirror.gets.get(path, 0) + 1
                     self.wfile.write(data)
 
             def do_HEAD(self):  # noqa: N802 (http.server's names)
@@ -164,3 +168,13 @@ def test_a_mirror_that_lacks_the_file_says_what_it_answered(mirror, tmp_path):
     result = tabtune("train", "model=tabdpt", cwd=tmp_path, env=env)
     (line,) = result.stderr.strip().splitlines()
     assert result.returncode == 2 and f"{mirror.url} answered 404" in line and "Layer6/TabDPT" in line
+
+
+def test_a_machine_whose_only_way_out_is_a_proxy_downloads_through_it(mirror, tmp_path):
+    """The Hub client's own proxy settings carry the download: here the endpoint's host does not even resolve,
+    and the only route is the proxy (the mirror server answers as one)."""
+    env = {"HF_ENDPOINT": "http://hub.example.invalid", "HTTP_PROXY": mirror.url, "HF_HOME": str(tmp_path / "hf")}
+    result = tabtune("train", "model=mitra", "strategy=inference", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mirror.hosts == {"hub.example.invalid"}  # the requests named the endpoint and went through the proxy
+    assert mirror.gets[f"/{MITRA_REPOS['classification']}/resolve/main/model.safetensors"] == 1

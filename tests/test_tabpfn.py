@@ -492,3 +492,28 @@ def test_on_a_bf16_cpu_tabtune_takes_the_packages_autocast_too(tmp_path, monkeyp
     assert float32.use_autocast_ is False
     # bf16 moves the answers by far more than the 1e-4 the float32 equality tests hold: why they pin float32
     assert np.abs(float32.predict_proba(Xq) - bf16).max() > 1e-4
+
+
+def test_a_class_the_episode_context_lacks_trains_against_the_right_columns():
+    """TabPFN's forward numbers the classes its context holds (0, 2 -> columns 0, 1): the training logits are
+    mapped back to the task's classes, and a query of a class the context lacks is left out of the loss."""
+    adapter, task = get_adapter("tabpfn"), Task("classification", 3)
+    torch.manual_seed(0)
+    module, _ = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    module.eval()
+    Xc, _, Xq = episode(n_context=30, n_query=9)
+    yc = (torch.arange(30)[None] % 2) * 2  # classes 0 and 2 only
+    raw = package_outputs(module, Xc, yc, Xq)  # the module's own columns: 0 -> class 0, 1 -> class 2
+    logits = adapter.episode_logits(module, Xc, yc, Xq, task)[0]
+    torch.testing.assert_close(logits[:, [0, 2]], raw[:, :2], rtol=0, atol=0)
+    assert torch.isneginf(logits[:, 1]).all()
+    yq = torch.tensor([[0, 2, 1, 2, 0, 1, 0, 2, 2]])
+    loss = adapter.episode_loss(logits[None], yq, task)
+    keep = yq[0] != 1
+    expected = torch.nn.functional.cross_entropy(raw[keep][:, :2], (yq[0][keep] == 2).long())
+    torch.testing.assert_close(loss, expected)
+    only_absent = adapter.episode_loss(logits[None], torch.ones(1, 9, dtype=torch.long), task)
+    assert only_absent.item() == 0.0

@@ -255,13 +255,19 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
                        config=None) -> Tensor:
         out = self._forward(module, X_context, y_context, X_query)
         if task.is_classification:
-            return out[..., : task.n_classes]
+            return context_classes_to_task(out, y_context, task.n_classes)
         self._criterion = bar_distribution(module)
         return out
 
     def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
         if task.is_classification:
-            return super().episode_loss(outputs, y_query, task)
+            # a query row of a class its context lacks has no output (the model never saw that label): it is
+            # left out of the loss, as prediction gives that class no probability
+            logits, target = outputs.reshape(-1, outputs.shape[-1]), y_query.reshape(-1)
+            known = torch.isfinite(logits.gather(1, target[:, None]))[:, 0]
+            if not known.any():  # nothing to learn from this batch: zero, still attached to the weights
+                return logits[torch.isfinite(logits)].sum() * 0
+            return nn.functional.cross_entropy(logits[known], target[known])
         criterion = self._criterion.to(outputs.device)
         return criterion(outputs.transpose(0, 1), y_query.transpose(0, 1).to(outputs.dtype)).mean()
 
@@ -334,6 +340,16 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
         if enabled:
             raise TabTuneError("strategy.gradient_checkpointing: not available for TabPFN (its blocks consume "
                                "their input, so they cannot be recomputed in backward); set it to false")
+
+
+def context_classes_to_task(out: Tensor, y_context: Tensor, n_classes: int) -> Tensor:
+    """(B, n_query, n_classes) logits from TabPFN's classification outputs, whose columns follow the classes the
+    context holds in ascending order (its forward densifies the labels: the j-th column is the context's j-th
+    smallest class), not the task's numbering; a class the context lacks gets -inf."""
+    present = nn.functional.one_hot(y_context.long(), n_classes).amax(1).bool()  # (B, n_classes)
+    column = (present.long().cumsum(-1) - 1).clamp(min=0)
+    logits = out.gather(-1, column[:, None, :].expand(-1, out.shape[1], -1))
+    return logits.masked_fill(~present[:, None, :], float("-inf"))
 
 
 def bar_distribution(module: nn.Module):

@@ -218,7 +218,8 @@ class TabularPipeline:
                 self.train_result_ = train(adapter, module, task, Split(X_train, y_train), val, strategy,
                                            model_config, device, self.seed, on_record=on_record, on_best=on_best,
                                            lr_ratio=lora_settings.lr_ratio if self.is_peft else None,
-                                           checkpoints=None if checkpoint_dir is None else Path(checkpoint_dir))
+                                           checkpoints=None if checkpoint_dir is None else Path(checkpoint_dir),
+                                           target_scale=None if task.is_classification else self.target_scale_)
                 if save_path is not None:  # the restored best, also when no epoch beat the start
                     self._write_best(module, save_path)
             module.eval()

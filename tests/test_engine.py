@@ -339,7 +339,7 @@ def test_validation_predicts_a_capped_stratified_subset_with_few_members(monkeyp
     X_train, y_train, _, _ = split
     seen = []
 
-    def fake_validate(adapter, module, task, train, val, model_config, device, seed):
+    def fake_validate(adapter, module, task, train, val, model_config, device, seed, target_scale=None):
         seen.append((len(val.y), sorted(set(val.y.tolist())), model_config.n_estimators))
         return {"log_loss": 0.5}
 
@@ -899,3 +899,21 @@ def test_official_regression_checkpoint_loads_and_predicts_the_official_quantile
     np.testing.assert_allclose(pipe.predict(X.iloc[120:]), expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(TabTuneError, match="regression checkpoint, but the task is classification"):
         TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X.iloc[:120], (y.iloc[:120] > 50))
+
+
+def test_regression_validation_is_in_the_targets_own_units_everywhere():
+    """history.jsonl, the training summary and val metrics report RMSE in one unit: the target's (a target in
+    the thousands, so standardised units would be off by three orders of magnitude)."""
+    X, _ = make_table(n=200)
+    y = 1000.0 + 300.0 * X["f0"] + 50.0 * X["f1"]
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 2, "val_max_rows": None, "val_n_estimators": None}
+    records = []
+    pipe = TabularPipeline(model_name="tabicl", task_type="regression", tuning_strategy="base-ft",
+                           tuning_params=params, model_params=dict(TINY_MODEL), device="cpu",
+                           seed=SEED).fit(X.iloc[:160], y.iloc[:160], on_record=records.append)
+    val_rmse = [r["val_rmse"] for r in records if "val_rmse" in r]
+    assert len(val_rmse) == 3 and min(val_rmse) > 10  # the target's std is about 300
+    result = pipe.train_result_
+    assert result.best_val == min(val_rmse) or result.best_epoch == 0
+    # the kept weights scored on the same rows with the same context: the same number as val metrics
+    assert pipe.val_metrics_["rmse"] == pytest.approx(result.best_val, rel=1e-5)

@@ -102,13 +102,19 @@ def _optimizer(module: nn.Module, params: list, strategy: StrategyConfig, lr_rat
 
 
 def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split, val: Split,
-             model_config: ModelConfig, device: torch.device, seed: int) -> dict[str, float | None]:
+             model_config: ModelConfig, device: torch.device, seed: int,
+             target_scale: tuple[float, float] | None = None) -> dict[str, float | None]:
     """The validation metrics with the training split as context: the watched one (lower is better; see
-    ``VALIDATION_METRIC``) and, for classification, ROC AUC."""
+    ``VALIDATION_METRIC``) and, for classification, ROC AUC. ``target_scale`` (mean, std): the regression
+    target was standardised with it, and the metrics are in the target's own units, as the run reports them."""
     labels = train.y if task.is_classification else None
     ctx = adapter.prediction_context(labels, len(train.y), model_config, seed)
     pred = predict_classes(adapter, module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
-    metrics = compute_metrics(task.kind, val.y, pred)
+    y = val.y
+    if target_scale is not None:
+        mean, std = target_scale
+        y, pred = y * std + mean, pred * std + mean
+    metrics = compute_metrics(task.kind, y, pred)
     name, _ = VALIDATION_METRIC[task.kind]
     return {name: metrics[name], **({"roc_auc": metrics["roc_auc"]} if task.is_classification else {})}
 
@@ -147,11 +153,13 @@ def validation_setup(task: Task, val_split: Split, strategy: StrategyConfig, mod
 def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
           on_record: Callable[[dict], None] | None = None, on_best: Callable[[nn.Module], None] | None = None,
-          lr_ratio: float | None = None, checkpoints: Path | None = None) -> TrainResult:
+          lr_ratio: float | None = None, checkpoints: Path | None = None,
+          target_scale: tuple[float, float] | None = None) -> TrainResult:
     """Fine-tune the trainable parameters of ``module`` in place; return what happened.
 
     ``on_best(module)`` runs whenever validation improves (``save_checkpoint_path``); ``lr_ratio`` is
-    LoRA+ (peft's optimizer: the B matrices learn at ``lr_ratio`` x the learning rate).
+    LoRA+ (peft's optimizer: the B matrices learn at ``lr_ratio`` x the learning rate); ``target_scale``
+    (mean, std) puts regression validation in the target's own units (history, best value), as evaluation is.
 
     ``checkpoints``: a folder where every epoch ends in a resumable checkpoint (see ``checkpoint``); if it
     already holds one, training resumes from it, replaying its history through ``on_record`` first, and
@@ -232,7 +240,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     def validation() -> dict:
         nonlocal val_seconds
         began = time.perf_counter()
-        scores = validate(adapter, module, task, train_split, val_split, val_config, device, seed)
+        scores = validate(adapter, module, task, train_split, val_split, val_config, device, seed, target_scale)
         val_seconds += time.perf_counter() - began
         return scores
 

@@ -202,6 +202,8 @@ class TabularPipeline:
         module.to(device)
         self._base_state_ = None if model_config.pretrained else {k: v.detach().cpu().clone()
                                                                     for k, v in module.state_dict().items()}
+        self.provenance_ = provenance(adapter, model_config, task, X, y)
+        self.base_sha256_ = base_sha256(self.provenance_, self._base_state_)
         module = self._apply_strategy(adapter, module, strategy, model_config, lora_settings)
 
         self.adapter_, self.task_, self.module_, self.device_ = adapter, task, module, device
@@ -209,7 +211,6 @@ class TabularPipeline:
         self.context_X_, self.context_y_ = X_train, y_train
         self.train_result_, self.val_metrics_ = None, {}
         self.target_name_ = str(y.name)
-        self.provenance_ = provenance(adapter, model_config, task, X, y)
         if X_val is not None:
             X_val, y_val = self._check_xy(X_val, y_val, "X_val")
             val = Split(self.preprocessor_.transform(X_val), self._encode_target(y_val))
@@ -261,7 +262,8 @@ class TabularPipeline:
         return module
 
     def _check_adapter_run(self, source, adapter) -> Path:
-        """The folder of another run's adapters, checked to fit this model."""
+        """The folder of another run's adapters, checked to fit this model: the same family, architecture and
+        base weights (the SHA-256 of the checkpoint file, or of random base weights, its pipeline.json records)."""
         path = Path(source)
         meta_path = path / "pipeline.json"
         if not (path / "adapter_config.json").is_file() or not meta_path.is_file():
@@ -274,6 +276,12 @@ class TabularPipeline:
         if getattr(self, "architecture_", None) is not None and meta["architecture"] != self.architecture_:
             raise TabTuneError(f"model.adapters: {str(path)!r} was trained on another {adapter.title} "
                                f"architecture (its base weights differ in shape)")
+        theirs, ours = meta.get("base_sha256"), getattr(self, "base_sha256_", None)
+        if theirs and ours and theirs != ours:
+            where = (meta.get("provenance") or {}).get("checkpoint") or {}
+            raise TabTuneError(f"model.adapters: {str(path)!r} was trained on other base weights "
+                               f"({where.get('path', 'random weights')}, SHA-256 {theirs[:12]}...) than this model's "
+                               f"(SHA-256 {ours[:12]}...): adapters only mean something on their own base")
         return path
 
     def _write_best(self, module, path) -> None:
@@ -424,6 +432,7 @@ class TabularPipeline:
             "classes": None if self.label_encoder_ is None else list(self.label_encoder_.classes),
             "target_scale": getattr(self, "target_scale_", None),
             "base_weights": "model.safetensors" if weights is not None else "checkpoint",
+            "base_sha256": self.base_sha256_,  # the weights under any adapters: model.adapters checks it
             "summary": self.summary(), "val_metrics": getattr(self, "val_metrics_", {}),
             "provenance": getattr(self, "provenance_", {}),
         }
@@ -457,12 +466,14 @@ class TabularPipeline:
         task = Task(meta["task"]["kind"], meta["task"]["n_classes"])
         self.device_ = resolve_device(self.device_name_)
         self._base_state_ = None
+        self.base_sha256_ = meta.get("base_sha256")
         if meta["base_weights"] == "model.safetensors":
             module = adapter.from_architecture(meta["architecture"])
             state = read_safetensors(path / "model.safetensors")
             load_weights(module, state, path / "model.safetensors")
             if strategy.name != StrategyName.base_ft:
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
+            # (base-ft and folded runs: model.safetensors holds tuned weights, whose base the manifest names)
         else:
             _check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)
             module, _ = adapter.build(model_config, task)
@@ -576,6 +587,19 @@ def _check_same_checkpoint(checkpoint: Path, provenance: dict, path: Path) -> No
     if expected and file_sha256(checkpoint) != expected:
         raise TabTuneError(f"{path}: its base checkpoint {str(checkpoint)!r} is not the file it was trained on "
                            f"(SHA-256 differs from pipeline.json's provenance)")
+
+
+def base_sha256(provenance: dict, random_state: dict | None) -> str | None:
+    """The fingerprint of a model's base weights: its checkpoint file's SHA-256, or for random weights the
+    SHA-256 of the tensors (names, dtypes, shapes, bytes in name order)."""
+    if random_state is None:
+        return (provenance.get("checkpoint") or {}).get("sha256")
+    digest = hashlib.sha256()
+    for name in sorted(random_state):
+        tensor = random_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def provenance(adapter, config, task: Task, X: pd.DataFrame, y: pd.Series) -> dict:

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 
 from tabtune_cli import TabTuneError, TabularLeaderboard, TabularPipeline
 from tabtune_cli.config import group_defaults
+from tabtune_cli.models.base import Task
 from tabtune_cli.models.nano import NanoAdapter
 from tabtune_cli.tuning import lora
 from tabtune_cli.tuning.trainer import _optimizer
 
-from conftest import Bomb, TINY_MODEL, TUNE_PARAMS, fit_pipeline
+from conftest import SEED, Bomb, TINY_MODEL, TUNE_PARAMS, fit_pipeline
 
 PEFT = {**TUNE_PARAMS["peft"], "epochs": 2}
 
@@ -158,6 +159,33 @@ def test_a_run_starts_from_another_runs_adapters(split, tmp_path):
     assert more.train_result_.val_before == pytest.approx(first.train_result_.best_val)
     with pytest.raises(TabTuneError, match="holds no saved peft run"):
         fit_pipeline("peft", X_train, y_train, model_params={**TINY_MODEL, "adapters": str(tmp_path)})
+
+
+def test_adapters_are_refused_on_other_base_weights_of_the_same_shape(split, tmp_path):
+    """The same architecture is not enough: adapters trained on one checkpoint (or random draw) are refused on
+    another, naming both fingerprints; the same base is accepted."""
+    from tabtune_cli.models.registry import get_adapter
+
+    X_train, y_train, _, _ = split
+    adapter, task = get_adapter("tabicl"), Task("classification", 2)
+    module, architecture = adapter.build(adapter.config_class(**TINY_MODEL), task)
+    first = adapter.write_checkpoint(module, architecture, task, tmp_path / "a")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.01)
+    second = adapter.write_checkpoint(module, architecture, task, tmp_path / "b")
+    on_first = {"checkpoint": str(first), "n_estimators": 1}
+    source = fit_pipeline("peft", X_train, y_train, tuning_params=PEFT, model_params=on_first).save(tmp_path / "run")
+    with pytest.raises(TabTuneError, match=r"model.adapters: .* was trained on other base weights \(.*/a/"):
+        fit_pipeline("inference", X_train, y_train, model_params={"checkpoint": str(second), "n_estimators": 1,
+                                                                  "adapters": str(source)})
+    fit_pipeline("inference", X_train, y_train, model_params={**on_first, "adapters": str(source)})  # same base
+    # random weights: another seed draws another base
+    random_run = fit_pipeline("peft", X_train, y_train, tuning_params=PEFT).save(tmp_path / "random")
+    with pytest.raises(TabTuneError, match="random weights"):
+        fit_pipeline("inference", X_train, y_train, seed=SEED + 1,
+                     model_params={**TINY_MODEL, "adapters": str(random_run)})
+    fit_pipeline("inference", X_train, y_train, model_params={**TINY_MODEL, "adapters": str(random_run)})
 
 
 def test_adapters_swap_over_one_loaded_base(split, tmp_path):

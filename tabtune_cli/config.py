@@ -378,4 +378,14 @@ def check_combination(model: ModelConfig, strategy: StrategyConfig, lora: LoraSe
         idle = sorted(k for k in given if k.startswith("lora."))
         if idle:
             warnings.append(f"{listed(idle)} ignored by strategy={name}: only strategy=peft trains LoRA adapters")
+    elif model.adapters:
+        idle = sorted(k for k in given if k.startswith("lora."))
+        if idle:
+            warnings.append(f"{listed(idle)} ignored: model.adapters={model.adapters} brings its adapters with the "
+                            f"LoRA settings they were trained with")
+    if "model.size" in given and model.pretrained:
+        warnings.append("model.size is ignored with model.pretrained=true: a checkpoint has its own architecture "
+                        "(sizes are for random weights)")
+    if "model.allow_download" in given and model.checkpoint:
+        warnings.append("model.allow_download is ignored beside model.checkpoint: the local file is used")
     return warnings

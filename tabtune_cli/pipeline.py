@@ -194,7 +194,7 @@ class TabularPipeline:
             y_train = self._scale(values.to_numpy())
             task = Task("regression")
         adapter.check_task(task, strategy.name.value)
-        if lora_settings.r == "auto":
+        if lora_settings.r == "auto" and not model_config.adapters:  # adapters bring their own rank
             lora_settings.r = lora.auto_rank(len(X_train))
             log.info("lora.r=auto: r=%d for %d training rows", lora_settings.r, len(X_train))
 
@@ -204,7 +204,7 @@ class TabularPipeline:
                                                                     for k, v in module.state_dict().items()}
         self.provenance_ = provenance(adapter, model_config, task, X, y)
         self.base_sha256_ = base_sha256(self.provenance_, self._base_state_)
-        module = self._apply_strategy(adapter, module, strategy, model_config, lora_settings)
+        module, lora_settings = self._apply_strategy(adapter, module, strategy, model_config, lora_settings)
 
         self.adapter_, self.task_, self.module_, self.device_ = adapter, task, module, device
         self.strategy_, self.model_config_, self.lora_settings_ = strategy, model_config, lora_settings
@@ -240,14 +240,18 @@ class TabularPipeline:
         return self.strategy_.name == StrategyName.peft
 
     def _apply_strategy(self, adapter, module, strategy, model_config, lora_settings):
-        """``module`` ready for ``strategy``: adapters from ``model.adapters`` (if set) and/or new ones, its
-        repeated blocks recomputed in backward under ``strategy.gradient_checkpointing``."""
+        """``(module, lora settings)`` ready for ``strategy``: adapters from ``model.adapters`` (if set) and/or new
+        ones, its repeated blocks recomputed in backward under ``strategy.gradient_checkpointing``. Adapters from
+        another run keep the LoRA settings they were trained with, and those are what this run records."""
         # base-ft trains what the model itself trains: a parameter built frozen (TabICL's fixed rotary
         # frequencies) stays frozen, as in the model's own training
         learnable = {n for n, p in module.named_parameters() if p.requires_grad}
         if model_config.adapters:
             source = self._check_adapter_run(model_config.adapters, adapter)
             module = lora.load(module, source, trainable=strategy.name == StrategyName.peft)
+            trained_with = json.loads((source / "pipeline.json").read_text()).get("peft_config")
+            if trained_with:
+                lora_settings = from_dict(LoraSettings, trained_with, "lora")
             if strategy.name != StrategyName.peft:  # folded in: inference and base-ft use plain weights
                 module = lora.fold(module)[0]
             log.info("adapters from %s", source)
@@ -259,7 +263,7 @@ class TabularPipeline:
                 p.requires_grad_(strategy.name == StrategyName.base_ft and name in learnable)
         if strategy.gradient_checkpointing and strategy.name != StrategyName.inference:
             adapter.set_gradient_checkpointing(module, True)
-        return module
+        return module, lora_settings
 
     def _check_adapter_run(self, source, adapter) -> Path:
         """The folder of another run's adapters, checked to fit this model: the same family, architecture and

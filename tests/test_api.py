@@ -232,3 +232,31 @@ def test_the_guides_leaderboard_ranks_and_keeps_failures(split):
     assert board.get_ranking("log_loss")["contender"].iloc[-1] == "broken"
     with pytest.raises(ValueError, match="unknown metric 'speed'"):
         board.get_ranking("speed")
+
+
+def test_settings_that_would_be_dropped_are_warned_and_adapters_record_their_own(split, tmp_path, caplog):
+    """lora.* beside model.adapters under peft, model.size with a checkpoint, model.allow_download beside
+    model.checkpoint: each warned of by name. A run that starts from adapters records the LoRA settings those
+    adapters were trained with (pipeline.json, the model card), not the ignored ones."""
+    X_train, y_train, _, _ = split
+    source = fit_pipeline("peft", X_train, y_train, tuning_params=PEFT,
+                          peft_config={"r": 2, "lora_alpha": 4}).save(tmp_path / "first")
+    with caplog.at_level(logging.WARNING, logger="tabtune"):
+        more = fit_pipeline("peft", X_train, y_train, tuning_params=PEFT, peft_config={"r": "auto", "lora_alpha": 64},
+                            model_params={**TINY_MODEL, "adapters": str(source)})
+    assert "lora.lora_alpha and lora.r are ignored: model.adapters=" in caplog.text
+    assert (more.lora_settings_.r, more.lora_settings_.lora_alpha) == (2, 4)
+    saved = json.loads((more.save(tmp_path / "more") / "pipeline.json").read_text())
+    assert (saved["peft_config"]["r"], saved["peft_config"]["lora_alpha"]) == (2, 4)
+    assert json.loads((tmp_path / "more" / "adapter_config.json").read_text())["r"] == 2
+    caplog.clear()
+    from tabtune_cli.config import LoraSettings, ModelConfig, StrategyConfig, check_combination
+
+    warned = check_combination(ModelConfig(checkpoint="x.ckpt", size="small", allow_download=False),
+                               StrategyConfig(name="inference"), LoraSettings(),
+                               {"model.size", "model.allow_download", "model.checkpoint"})
+    assert warned == ["model.size is ignored with model.pretrained=true: a checkpoint has its own architecture "
+                      "(sizes are for random weights)",
+                      "model.allow_download is ignored beside model.checkpoint: the local file is used"]
+    assert check_combination(ModelConfig(pretrained=False, size="small"), StrategyConfig(name="inference"),
+                             LoraSettings(), {"model.size", "model.pretrained"}) == []

@@ -370,6 +370,23 @@ def test_export_writes_a_base_ft_run_and_an_inference_run_is_refused(runs, tmp_p
     assert code == 2 and "inference run changed no weight" in err
 
 
+def test_an_inference_run_that_folded_adapters_in_is_exported(runs, table, tmp_path, capsys):
+    """model.adapters under inference folds another run's LoRA into the weights: those weights are the run's
+    model, and export writes them (read back and compared with the run's predictions, as for base-ft)."""
+    folded = TabularPipeline(model_name="tabicl", tuning_strategy="inference", tuning_params={"show_progress": False},
+                             model_params={**MODEL, "adapters": str(runs["peft"])}, device="cpu",
+                             seed=SEED).fit(*table).save(tmp_path / "folded")
+    out = tmp_path / "exported"
+    code, shown, err = tabtune(capsys, "export", f"run={folded}", f"output={out}")
+    assert code == 0, err
+    assert "read back" in shown
+    saved = load_file(folded / "model.safetensors")
+    state = torch.load(out / ADAPTERS["tabicl"].checkpoints["classification"], weights_only=True)["state_dict"]
+    assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+    base = load_file(runs["inference"] / "model.safetensors")  # the same random base, without the adapters
+    assert set(base) == set(saved) and any(not torch.equal(saved[k], base[k]) for k in saved)
+
+
 @pytest.mark.parametrize("args,message", [
     (["rnu=x"], "unknown key 'rnu' (known keys: run, output, overwrite, verify)"),
     (["x"], "expected key=value, got 'x'"),

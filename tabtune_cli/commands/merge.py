@@ -8,8 +8,9 @@ parameters included, then the nested layers peft leaves unmerged, see
 model_path=...)``, TabPFN's ``model_path``, TabDPT's ``model_weight_path``) and
 tabtune's ``model.checkpoint=`` reads, with no adapter left to run. On a base-ft
 run (and under the name ``export``) the fine-tuned weights are written the same
-way. An inference run changed no weight, so there is nothing to write: that is
-a one-line error pointing at the checkpoint it ran.
+way, and so are an inference run's weights when it folded another run's adapters
+in (``model.adapters``). A plain inference run changed no weight, so there is
+nothing to write: that is a one-line error pointing at the checkpoint it ran.
 
 The output is a folder (default ``<run>/merged/``) that is never written over
 unless ``overwrite=true``. Before anything is reported, the written file is read
@@ -74,7 +75,7 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, overwrit
         raise TabTuneError(f"{run_dir}: the run is not complete (status {status!r}); only a finished run is written")
     meta = json.loads(meta_path.read_text())
     strategy = meta["tuning_strategy"]
-    if strategy == "inference":
+    if strategy == "inference" and not meta["model_params"].get("adapters"):
         raise TabTuneError(f"{run_dir}: an inference run changed no weight; there is nothing to {command} "
                            f"(its model is the checkpoint it ran: model.checkpoint or the official file)")
     out_dir = Path(output) if output else run_dir / DEFAULT_FOLDER

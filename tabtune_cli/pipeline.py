@@ -229,6 +229,7 @@ class TabularPipeline:
             self.context_X_ = np.concatenate([X_train, val.X])
             self.context_y_ = np.concatenate([y_train, val.y])
         module.eval()
+        self.preprocessor_.freeze()  # the context is built: what later tables bring is not part of the fit
         self.fit_seconds_ = time.perf_counter() - started
         self.peak_memory_mb_ = _peak_memory_mb(device)
         self.rows_ = {"train": int(len(X_train)), "val": int(0 if X_val is None else len(X_val))}

@@ -409,11 +409,16 @@ def test_the_table_keeps_numbers_dates_and_text_and_round_trips_through_json():
     assert np.isnan(X[3, 1]) and X[0, 1] == np.float32(frame.loc[0, "price"])
     # 2021-01-01 was a Friday: year 2021 -> 22, month 1, day 1, weekday 4 + 1
     np.testing.assert_array_equal(X[0, 2:6], [22, 1, 1, 5])
-    # an unseen string joins the vocabulary; a reloaded table reads the same matrix
+    # before freeze() an unseen string joins the vocabulary; a reloaded table reads the same matrix, and gives a
+    # string it lacks a transient id past its end (that call's only), leaving the saved vocabulary as it was
     unseen = frame.iloc[100:].assign(size="XXL")
     again = ContextTabTable.from_json(json.loads(json.dumps(table.to_json())))
     np.testing.assert_array_equal(again.transform(frame.iloc[:100]), X)
-    assert again.state["vocabulary"][int(again.transform(unseen)[0, -1])] == "XXL"
+    saved = list(again.state["vocabulary"])
+    assert int(again.transform(unseen)[0, -1]) == len(saved) and again.transient[-1] == "XXL"
+    assert again.state["vocabulary"] == saved and "XXL" not in json.dumps(again.to_json())
+    again.transform(frame.iloc[:100])
+    assert again.transient == []
 
 
 def tiny_pipeline(strategy="inference", model_params=None, **tuning):
@@ -485,6 +490,29 @@ def test_every_lora_adapter_is_live_on_a_table_with_text_dates_and_numbers():
             for p, value in zip(params, saved):
                 p.copy_(value)
     assert dead == []
+
+
+def test_a_saved_pipeline_holds_the_text_of_its_context_only(tmp_path):
+    """Predicting (the CLI evaluates the test split before saving) adds no string to the fitted vocabulary:
+    preprocessor.json carries the training and validation rows' text, never the test rows', and a long-lived
+    predictor's state does not grow."""
+    import json
+
+    frame, label = text_table()
+    test = frame.iloc[100:].assign(review=[f"query-only review {i}" for i in range(20)])
+    pipe = tiny_pipeline().fit(frame.iloc[:100], label.iloc[:100])
+    fitted = list(pipe.preprocessor_.state["vocabulary"])
+    proba = pipe.predict_proba(test)
+    pipe.predict_proba(test.assign(review="another unseen review"))
+    assert pipe.preprocessor_.state["vocabulary"] == fitted
+    saved = (pipe.save(tmp_path / "run") / "preprocessor.json").read_text()
+    assert "query-only review" not in saved and "another unseen" not in saved
+    assert json.loads(saved)["vocabulary"] == fitted
+    from tabtune_cli import TabularPipeline
+
+    np.testing.assert_allclose(TabularPipeline.load(tmp_path / "run").predict_proba(test), proba, atol=1e-6)
+    # the text reached the model: the query rows' own words moved their answers
+    assert np.abs(pipe.predict_proba(test.assign(review="terrible fabric, returned it at once")) - proba).max() > 1e-5
 
 
 def test_a_saved_contexttab_pipeline_predicts_the_same_in_a_fresh_process(tmp_path):

@@ -252,6 +252,10 @@ class Preprocessor:
         return self.fit(frame).transform(frame)
 
     # ---- persistence ---------------------------------------------------------------------
+    def freeze(self) -> None:
+        """The fitted state is final: the pipeline's context is built. (This preprocessor learns nothing from
+        what it transforms; ``models.contexttab.ContextTabTable`` does, and stops there.)"""
+
     def to_json(self) -> dict:
         state = dict(self.state)
         state["columns"] = [{**s, "name": _json_value(s["name"])} for s in state["columns"]]

@@ -412,11 +412,19 @@ class ContextTabTable:
     per text column, holding each cell's index into ``state["vocabulary"]``. Every column that is neither
     numeric nor a date is text, categories included, as in the reference (it embeds every string).
     Columns constant or empty in the training rows are dropped. The whole state is JSON.
+
+    The vocabulary holds the strings of the rows transformed until :meth:`freeze` (the pipeline's context:
+    training and validation rows), and only those are saved. After it, a string the vocabulary lacks gets a
+    transient id past its end (``transient``: the strings of the latest ``transform`` only), so predicting
+    never grows the saved state, nor carries the text of rows it was never trained on.
     """
 
     def __init__(self, state: dict | None = None, text_columns: list | None = None):
         self.state, self.text_columns = state, text_columns
         self._index = {text: i for i, text in enumerate(state["vocabulary"])} if state else {}
+        self.frozen = state is not None  # a saved state is final
+        self.transient: list[str] = []
+        self._transient_index: dict[str, int] = {}
 
     def fit(self, frame, y=None) -> "ContextTabTable":
         from ..data.preprocess import _is_datetime_like, _json_value, declared_text_columns
@@ -439,8 +447,12 @@ class ContextTabTable:
         target = getattr(y, "name", None)
         self.state = {"columns": columns, "dropped": dropped, "input_columns": [str(c) for c in frame.columns],
                       "target": str(target) if target is not None else "target", "vocabulary": []}
-        self._index = {}
+        self._index, self.frozen = {}, False
         return self
+
+    def freeze(self) -> None:
+        """The vocabulary is final (the context is built): later strings are transient, never saved."""
+        self.frozen = True
 
     @property
     def feature_names(self) -> list[str]:
@@ -463,6 +475,7 @@ class ContextTabTable:
         missing = [str(c["name"]) for c in self.state["columns"] if c["name"] not in frame.columns]
         if missing:
             raise TabTuneError(f"column {missing[0]!r} is missing from the table (the model was fitted with it)")
+        self.transient, self._transient_index = [], {}  # transient ids hold for this call's matrix only
         blocks = []
         for spec in self.state["columns"]:
             col = frame[spec["name"]]
@@ -480,10 +493,16 @@ class ContextTabTable:
         return np.hstack(blocks).astype(np.float32)
 
     def _id(self, text: str) -> int:
-        if text not in self._index:
+        if text in self._index:
+            return self._index[text]
+        if not self.frozen:
             self._index[text] = len(self.state["vocabulary"])
             self.state["vocabulary"].append(text)
-        return self._index[text]
+            return self._index[text]
+        if text not in self._transient_index:
+            self._transient_index[text] = len(self.state["vocabulary"]) + len(self.transient)
+            self.transient.append(text)
+        return self._transient_index[text]
 
     def fit_transform(self, frame, y=None) -> np.ndarray:
         return self.fit(frame, y).transform(frame)
@@ -557,10 +576,14 @@ class ContextTabAdapter(ContextTabSpec, ModelAdapter):
         return kinds, self.table.column_names, per_column
 
     def _text_embeddings(self, device) -> Tensor:
-        vocabulary = self.table.state["vocabulary"]
+        """(V, 384) embeddings of the vocabulary, then of the latest transform's transient strings."""
+        vocabulary, transient = self.table.state["vocabulary"], self.table.transient
         if self._text is None or self._text[0] != len(vocabulary):
             self._text = (len(vocabulary), torch.as_tensor(self._encoder().encode(vocabulary)))
-        return self._text[1].to(device)
+        embeddings = self._text[1]
+        if transient:
+            embeddings = torch.cat([embeddings, torch.as_tensor(self._encoder().encode(transient))])
+        return embeddings.to(device)
 
     def _inputs(self, X: Tensor, n_context: int) -> dict:
         """The keyword tensors of :meth:`ConTextTab.forward` for one table ``X`` (rows, matrix columns)."""

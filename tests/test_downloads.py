@@ -105,7 +105,9 @@ def mirror(tmp_path):
 
 def tabtune(*args, cwd, env):
     """The installed command in a fresh process (the Hub client reads HF_ENDPOINT when it is imported)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    # the machine's own Hub and proxy settings stay out: each test names the route it means
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("HF_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
     return subprocess.run([sys.executable, "-m", "tabtune_cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env={**clean, **env})
 

@@ -478,7 +478,6 @@ class TabularPipeline:
             load_weights(module, state, path / "model.safetensors")
             if strategy.name != StrategyName.base_ft:
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
-            # (base-ft and folded runs: model.safetensors holds tuned weights, whose base the manifest names)
         else:
             _check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)
             module, _ = adapter.build(model_config, task)

@@ -387,7 +387,7 @@ def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, mode
     if isinstance(cached, str) and Path(cached).is_file():
         return Path(cached)
     endpoint = hub_endpoint()
-    missing = (f"{model_title} checkpoint {filename!r} of {repo_id} is not in the Hugging Face cache, and")
+    missing = f"{model_title} checkpoint {filename!r} of {repo_id} is not in the Hugging Face cache, and"
     fix = f"download it from {endpoint}/{repo_id} and pass model.checkpoint=/path/to/{filename}"
     if not config.allow_download:
         raise TabTuneError(f"{missing} model.allow_download=false keeps to the cache: {fix}, or allow downloads")

@@ -180,3 +180,14 @@ def test_a_machine_whose_only_way_out_is_a_proxy_downloads_through_it(mirror, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert mirror.hosts == {"hub.example.invalid"}  # the requests named the endpoint and went through the proxy
     assert mirror.gets[f"/{MITRA_REPOS['classification']}/resolve/main/model.safetensors"] == 1
+
+
+def test_validate_looks_the_official_file_up_and_downloads_nothing(mirror, tmp_path):
+    env = {"HF_ENDPOINT": mirror.url, "HF_HOME": str(tmp_path / "hf")}
+    result = tabtune("validate", "model=mitra", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert mirror.gets == {} and not list((tmp_path / "hf").rglob("*.safetensors"))
+    assert not (tmp_path / "runs").exists()
+    missing = tabtune("validate", "model=tabdpt", cwd=tmp_path, env=env)  # the mirror lacks TabDPT's file
+    (line,) = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and f"{mirror.url} answered 404" in line

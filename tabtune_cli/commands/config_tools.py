@@ -142,7 +142,7 @@ def validate(argv: list[str]) -> int:
             try:
                 cfg = compose_train(combo, config_name, config_dir)
                 if {"model", "strategy", "dataset"} <= set(cfg):  # a train config; others are checked by types
-                    preflight(cfg, given_keys(combo))
+                    preflight(cfg, given_keys(combo), fetch=False)  # creates nothing: no download either
             except TabTuneError as exc:
                 if len(combos) > 1:
                     raise TabTuneError(f"[{' '.join(combo)}] {exc}") from None

@@ -135,15 +135,16 @@ def config_warnings_on_console():
         log.removeHandler(console)
 
 
-def preflight(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset()):
-    """What a run checks before its run directory exists: ``plain_configs``' tuple and the loaded data."""
+def preflight(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(), fetch: bool = True):
+    """What a run checks before its run directory exists: ``plain_configs``' tuple and the loaded data.
+    A missing official checkpoint is downloaded here, or with ``fetch=False`` (validate) only looked up."""
     adapter, model, strategy, lora, dataset, values = plain_configs(cfg, given)
     from ..data.dataset import load_dataset  # here, not at the top: --help and validation stay light
 
     data = load_dataset(dataset, values["seed"])
     # an unsupported task or a missing checkpoint is the user's to fix: say so before a run directory exists
     adapter.check_task(Task(data.task), strategy.name.value)
-    adapter.checkpoint_file(model, Task(data.task))
+    adapter.checkpoint_file(model, Task(data.task), fetch=fetch)
     check_width(adapter, model, strategy.name.value, dataset, data)
     return (adapter, model, strategy, lora, dataset, values), data
 

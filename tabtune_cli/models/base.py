@@ -57,12 +57,15 @@ class ModelSpec:
     checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
     default_lora_prefixes: ClassVar[tuple[str, ...]] = ()  # module-name prefixes LoRA reaches by default
 
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
-        """The local checkpoint ``build`` will load (None for random weights); errors before any run starts."""
+    def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
+        """The local checkpoint ``build`` will load (None for random weights); errors before any run starts.
+
+        ``fetch=False`` (``tabtune validate``): check that a missing official file could be fetched, and
+        download nothing; None then stands for a file the Hub has but this machine does not yet."""
         if not config.pretrained:
             return None
         return resolve_checkpoint(config, repo_id=self.repo_id, filename=self.checkpoints[task.kind],
-                                  model_title=self.title)
+                                  model_title=self.title, fetch=fetch)
 
     def random_size(self, config: ModelConfig) -> dict:
         """The constructor arguments of the random-weight size ``model.size``; an unknown size is refused."""
@@ -365,8 +368,10 @@ def hub_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, model_title: str) -> Path:
-    """Return a local checkpoint file: ``model.checkpoint``, the Hub cache, or a download (the default).
+def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, model_title: str,
+                       fetch: bool = True) -> Path | None:
+    """Return a local checkpoint file: ``model.checkpoint``, the Hub cache, or a download (the default;
+    ``fetch=False``: None once the endpoint has the file, and nothing downloaded).
 
     A download goes through the Hugging Face client as the models' own packages do: ``HF_ENDPOINT`` (a
     mirror), the user's proxy settings, its progress bar and cache. ``model.allow_download=false`` or
@@ -401,6 +406,8 @@ def resolve_checkpoint(config: ModelConfig, *, repo_id: str, filename: str, mode
         why = (f"{endpoint} answered {status}" if status else
                f"{endpoint} cannot be reached ({_first_line(exc)})")
         raise TabTuneError(f"{missing} {why}: {fix}") from None
+    if not fetch:
+        return None
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:

@@ -61,8 +61,8 @@ class ContextTabSpec(ModelSpec):
     def feature_limit(self, config: ModelConfig, strategy: str) -> int:
         return MAX_COLUMNS - 1  # columns as read (ContextTabTable): numbers, dates and text alike
 
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+    def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
         if not config.pretrained:
             return None
         repo_id, filename = RELEASES[getattr(config, "release", "contexttab")]
-        return resolve_checkpoint(config, repo_id=repo_id, filename=filename, model_title=self.title)
+        return resolve_checkpoint(config, repo_id=repo_id, filename=filename, model_title=self.title, fetch=fetch)

@@ -56,13 +56,14 @@ class MitraSpec(ModelSpec):
     def feature_limit(self, config: ModelConfig, strategy: str) -> int:
         return self.max_features
 
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+    def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
         """The checkpoint folder's ``model.safetensors``: ``model.checkpoint``, or the Hub's cached folder."""
         if not config.pretrained:
             return None
         if config.checkpoint:
             return read_folder(Path(config.checkpoint).expanduser())[1]
         # config.json first: it is small, and a missing one says the same as a missing weights file
-        resolve_checkpoint(config, repo_id=REPOS[task.kind], filename="config.json", model_title=self.title)
+        resolve_checkpoint(config, repo_id=REPOS[task.kind], filename="config.json", model_title=self.title,
+                           fetch=fetch)
         return resolve_checkpoint(config, repo_id=REPOS[task.kind], filename="model.safetensors",
-                                  model_title=self.title)
+                                  model_title=self.title, fetch=fetch)

@@ -60,7 +60,7 @@ class NanoSpec(ModelSpec):
              "small": dict(d_model=128, n_layers=6, n_heads=4, d_ff=256)}
     default_lora_prefixes = ("blocks", "decoder")
 
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+    def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
         if not config.pretrained:
             return None
         path = Path(config.checkpoint).expanduser() if config.checkpoint else shipped_checkpoint()

@@ -43,7 +43,7 @@ class TabPFNSpec(ModelSpec):
     # v3, v3.5: the in-context transformer (its attention's q/k/v/out projections and MLPs)
     default_lora_prefixes_v3 = ("icl_blocks",)
 
-    def checkpoint_file(self, config: ModelConfig, task: Task) -> Path | None:
+    def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
         if not config.pretrained:
             return None
         version = getattr(config, "version", "v2")
@@ -55,7 +55,7 @@ class TabPFNSpec(ModelSpec):
         source = _get_model_source(ModelVersion(version), ModelType(ESTIMATOR[task.kind]))
         try:
             return resolve_checkpoint(config, repo_id=source.repo_id, filename=source.default_filename,
-                                      model_title=f"TabPFN {version}")
+                                      model_title=f"TabPFN {version}", fetch=fetch)
         except TabTuneError as exc:
             if version == "v2" or config.checkpoint:
                 raise

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -99,7 +100,11 @@ def test_random_settings_complete_or_stop_in_one_line_naming_the_key(capsys, mon
         assert not list(folder.rglob("run.json")), (overrides, line)  # refused before a run directory
         outcomes.append(line.split(":")[2].split("=")[0].strip()[:30])
 
-    run()
+    threads = torch.get_num_threads()
+    try:
+        run()
+    finally:  # a drawn threads=N sets torch's threads for this process: the tests after this one keep theirs
+        torch.set_num_threads(threads)
     # the property held over both kinds of draw: runs that completed and many distinct refusals
     assert outcomes.count("completed") >= 8, outcomes
     assert len(set(outcomes) - {"completed"}) >= 6, outcomes

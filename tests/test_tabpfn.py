@@ -391,13 +391,20 @@ def test_the_pipeline_predicts_what_the_estimator_predicts_on_tabtunes_matrix(tm
         np.testing.assert_allclose(pipe.predict_proba(X_test), theirs, rtol=0, atol=1e-4)
 
 
-def test_the_context_is_encoded_once_and_any_change_rebuilds_it():
-    adapter, task = get_adapter("tabpfn"), Task("classification", 4)
+def noisy_tiny(adapter, task):
+    """A tiny random-weight TabPFN with noise in every weight (its zero-initialised projections would hide
+    mistakes): ``(module, architecture)``."""
     torch.manual_seed(0)
-    module, _ = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
+    module, architecture = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0.0, 0.3)
+    return module, architecture
+
+
+def test_the_context_is_encoded_once_and_any_change_rebuilds_it():
+    adapter, task = get_adapter("tabpfn"), Task("classification", 4)
+    module, _ = noisy_tiny(adapter, task)
     Xc, yc, Xq, _ = recipe_episode()
     config, cpu = TabPFNConfig(pretrained=False, n_estimators=2), torch.device("cpu")
     cache = adapter.context_cache
@@ -436,11 +443,7 @@ def test_lora_and_fine_tuned_weights_get_the_package_recipe(tmp_path, split):
     import copy
 
     adapter, task = get_adapter("tabpfn"), Task("classification", 4)
-    torch.manual_seed(0)
-    module, architecture = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.3)
+    module, architecture = noisy_tiny(adapter, task)
     wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
     lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
     with torch.no_grad():
@@ -498,11 +501,7 @@ def test_a_class_the_episode_context_lacks_trains_against_the_right_columns():
     """TabPFN's forward numbers the classes its context holds (0, 2 -> columns 0, 1): the training logits are
     mapped back to the task's classes, and a query of a class the context lacks is left out of the loss."""
     adapter, task = get_adapter("tabpfn"), Task("classification", 3)
-    torch.manual_seed(0)
-    module, _ = adapter.build(TabPFNConfig(pretrained=False, size="tiny"), task)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.3)
+    module, _ = noisy_tiny(adapter, task)
     module.eval()
     Xc, _, Xq = episode(n_context=30, n_query=9)
     yc = (torch.arange(30)[None] % 2) * 2  # classes 0 and 2 only

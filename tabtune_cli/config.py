@@ -96,6 +96,10 @@ class StrategyConfig:
     # null: all) with at most val_n_estimators ensemble members (null: the model's n_estimators)
     val_max_rows: Optional[int] = 512
     val_n_estimators: Optional[int] = 4
+    # ensemble members a training episode goes through, for a model whose prediction preprocesses each member
+    # (TabICL: its estimator's normalisations, shuffles and class shifts; the members' logits are averaged as
+    # prediction averages them); null: the model's n_estimators
+    train_n_estimators: Optional[int] = 2
     show_progress: bool = True
     # recompute each repeated block's activations in the backward pass instead of keeping them (less
     # memory, about one more forward's time a step); the model adapter decides what its blocks are
@@ -128,9 +132,10 @@ class ModelConfig:
     pretrained: bool = True
     size: str = "tiny"
     allow_download: bool = True  # a missing official checkpoint is fetched from the Hub (or HF_ENDPOINT)
-    n_estimators: int = 4
-    max_context_rows: int = 2048
-    softmax_temperature: float = 0.9
+    # ensemble members at prediction; a model whose package chooses them itself takes null for "the package's"
+    n_estimators: Optional[int] = 4
+    max_context_rows: Optional[int] = 2048  # training rows used as context at prediction (null: every row)
+    softmax_temperature: Optional[float] = 0.9  # null: the package's own ("auto" where it has one)
     # a peft run directory whose LoRA adapters this run starts from (peft trains them on; inference and
     # base-ft fold them into the weights first)
     adapters: Optional[str] = None
@@ -176,6 +181,24 @@ def group_defaults(group: str, option: str) -> dict:
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     values.pop("defaults", None)
     return values
+
+
+def recipe_defaults(model: str, strategy: str) -> dict:
+    """The strategy keys of the model's own recipe for ``strategy`` (``conf/recipe/<model>_<strategy>.yaml``, its
+    defaults list followed, as Hydra composes it); {} where the model has none (the strategy's defaults stand)."""
+    from omegaconf import OmegaConf
+
+    def load(option: str) -> dict:
+        path = conf_dir() / "recipe" / f"{option}.yaml"
+        if not path.is_file():
+            return {}
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        merged = {}
+        for parent in values.pop("defaults", None) or []:
+            merged.update({} if parent == "_self_" else load(parent))
+        return {**merged, **values}
+
+    return load(f"{model}_{strategy}")
 
 
 def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:
@@ -235,7 +258,7 @@ def check_strategy(s: StrategyConfig) -> None:
         raise TabTuneError(f"unknown strategy {s.name!r} (available: {', '.join(allowed)})")
     s.name = StrategyName(s.name)
     positive = ["epochs", "steps_per_epoch", "batch_size", "gradient_accumulation_steps", "context_size",
-                "query_size", "val_max_rows", "val_n_estimators"]
+                "query_size", "val_max_rows", "val_n_estimators", "train_n_estimators"]
     for key in positive:
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise TabTuneError(f"strategy.{key} must be at least 1, got {getattr(s, key)}")
@@ -352,9 +375,10 @@ def check_combination(model: ModelConfig, strategy: StrategyConfig, lora: LoraSe
         raise TabTuneError(f"model.checkpoint={model.checkpoint!r} and model.pretrained=false contradict: random "
                            f"weights never read the checkpoint (drop one of them)")
     for key in ("n_estimators", "max_context_rows"):
-        if getattr(model, key) < 1:
-            raise TabTuneError(f"model.{key} must be at least 1, got {getattr(model, key)}")
-    if not model.softmax_temperature > 0:
+        if getattr(model, key) is not None and getattr(model, key) < 1:
+            raise TabTuneError(f"model.{key} must be at least 1 (or null: the model's own default), "
+                               f"got {getattr(model, key)}")
+    if model.softmax_temperature is not None and not model.softmax_temperature > 0:
         raise TabTuneError(f"model.softmax_temperature must be positive, got {model.softmax_temperature}")
     if lora.bias not in LORA_BIASES:
         raise TabTuneError(f"config key 'lora.bias': {lora.bias!r} is not one of: {', '.join(LORA_BIASES)}")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from . import rundir
 from .config import (Device, LoraSettings, StrategyConfig, StrategyName, check_combination, check_strategy, from_dict,
-                     group_defaults, to_dict)
+                     group_defaults, recipe_defaults, to_dict)
 from .data.checks import check_table, check_target
 from .data.dataset import file_sha256, infer_task
 from .data.preprocess import LabelEncoder
@@ -129,7 +129,9 @@ class TabularPipeline:
         if self.tuning_strategy not in [s.value for s in StrategyName]:
             raise TabTuneError(f"unknown strategy {self.tuning_strategy!r} "
                                f"(available: {', '.join(s.value for s in StrategyName)})")
-        strategy = from_dict(StrategyConfig, {**group_defaults("strategy", self.tuning_strategy), **tuning,
+        # the strategy's defaults, then the model's own recipe for it (conf/recipe/), then the caller's keys
+        strategy = from_dict(StrategyConfig, {**group_defaults("strategy", self.tuning_strategy),
+                                              **recipe_defaults(adapter.name, self.tuning_strategy), **tuning,
                                               "name": self.tuning_strategy}, "tuning_params")
         check_strategy(strategy)
         model_params = {k: v for k, v in (self.model_params or {}).items() if k != "name"}
@@ -175,7 +177,8 @@ class TabularPipeline:
         started = time.perf_counter()
         torch.manual_seed(self.seed)
 
-        self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features).fit(X, y)
+        self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features,
+                                                  task_kind=kind).fit(X, y)
         X_train = self.preprocessor_.transform(X)
         if kind == "classification":
             self.label_encoder_ = LabelEncoder().fit(y)

@@ -48,13 +48,16 @@ def test_episode_outputs_depend_on_context_labels_not_on_other_queries(name):
     adapter, module, _ = tiny(name)
     module.train()
     Xc, yc, Xq = episode()
-    out = adapter.episode_logits(module, Xc, yc, Xq, TASK)
+    # OrionMSP's reference lets query rows meet (its default, the computation its weights know): its option
+    # to keep them apart is what this promise is tested on (tests/test_orion_msp.py tests the default)
+    config = adapter.config_class(name=name, **({"isolate_queries": True} if name == "orionmsp" else {}))
+    out = adapter.episode_logits(module, Xc, yc, Xq, TASK, config)
     assert out.shape == (2, 16, 3) and torch.isfinite(out).all()
     # a query row's output ignores the other query rows: no row sees another query's features
-    alone = adapter.episode_logits(module, Xc, yc, Xq[:, :1], TASK)
+    alone = adapter.episode_logits(module, Xc, yc, Xq[:, :1], TASK, config)
     torch.testing.assert_close(alone[:, 0], out[:, 0], atol=1e-4, rtol=1e-4)
     # ...and it reads the labels of the context
-    relabelled = adapter.episode_logits(module, Xc, (yc + 1) % 3, Xq, TASK)
+    relabelled = adapter.episode_logits(module, Xc, (yc + 1) % 3, Xq, TASK, config)
     assert (relabelled - out).abs().max() > 1e-4
 
 
@@ -189,3 +192,32 @@ def test_nano_takes_tables_wider_than_its_input_in_training_and_prediction():
     assert any("loss" in r for r in records)
     proba = pipe.predict_proba(X.iloc[160:])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+
+
+# nano's member is one view of the table (its training averages the logits of all its views) and its prediction
+# calibrates the ensemble's probabilities (models/nano.py): one view, uncalibrated, is the member compared
+ONE_MEMBER = {"nano": dict(preprocessing=["standard"], calibrate=False)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_training_forward_is_the_prediction_forward(name):
+    """In eval mode, an episode's training outputs are prediction's own for the same context, query and member:
+    the softmax of the logits at the model's temperature is ``predict``'s answer with one member (TabICL: its
+    estimator's member preprocessing; TabPFN: its estimator's members' transforms;
+    TabDPT: its estimator's imputation and scaling)."""
+    import dataclasses
+
+    from scipy.special import softmax
+
+    adapter, module, _ = tiny(name)
+    module.eval()
+    Xc, yc, Xq = episode()
+    Xc[0, ::5, 1] = torch.nan if "classification" in adapter.raw_numbers else 0.0  # a gap reaches the packages that fill gaps themselves
+    config = adapter.config_class(name=name, pretrained=False, size="tiny")
+    config = dataclasses.replace(config, n_estimators=1, softmax_temperature=config.softmax_temperature or 0.9,
+                                 **ONE_MEMBER.get(name, {}))
+    with torch.no_grad():
+        logits = adapter.episode_logits(module, Xc[:1], yc[:1], Xq[:1], TASK, config)[0].double().numpy()
+    expected = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), TASK, config,
+                               torch.device("cpu"))
+    np.testing.assert_allclose(softmax(logits / config.softmax_temperature, axis=-1), expected, atol=1e-4, rtol=0)

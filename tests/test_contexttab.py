@@ -424,8 +424,10 @@ def test_the_table_keeps_numbers_dates_and_text_and_round_trips_through_json():
 def tiny_pipeline(strategy="inference", model_params=None, **tuning):
     from tabtune_cli import TabularPipeline
 
+    # the tiny episodes and schedule these tests were measured with (ContextTab's recipe is for real tables)
     params = {"epochs": 2, "context_size": 48, "query_size": 16, "batch_size": 2, "learning_rate": 1e-3,
-              "show_progress": False, **tuning} if strategy != "inference" else {"show_progress": False}
+              "warmup_steps": 10, "show_progress": False, **tuning} if strategy != "inference" \
+        else {"show_progress": False}
     return TabularPipeline(model_name="contexttab", tuning_strategy=strategy, tuning_params=params,
                            model_params=model_params or {"pretrained": False, "size": "tiny"}, device="cpu", seed=0)
 

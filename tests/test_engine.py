@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tabicl._model.inference_config import InferenceConfig
 from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from safetensors.torch import load_file
@@ -24,7 +23,7 @@ from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import get_adapter
 from tabtune_cli.models.tabicl import TabICLAdapter
 from tabtune_cli.tuning import lora
-from tabtune_cli.tuning.episodes import epoch_episodes
+from tabtune_cli.tuning.episodes import epoch_episodes, episode_sizes
 
 from conftest import SEED, TINY_MODEL, TUNE_PARAMS, fit_pipeline, make_table
 
@@ -561,11 +560,14 @@ def test_episodes_are_disjoint_cover_every_row_and_hold_every_class(n_rows, cont
     labels = np.concatenate([np.arange(n_classes), rng_labels.integers(0, n_classes, n_rows - n_classes)])
     labels = rng_labels.permutation(labels)
     episodes = epoch_episodes(labels, n_rows, context_size, query_size, np.random.default_rng(0))
-    q = min(query_size, n_rows // 2)
+    # as asked when the table holds an episode; otherwise both parts shrink in proportion (48 of 176 rows are
+    # query: 27 of 100), the table's every row in one of them
+    c, q = {216: (64, 32), 100: (73, 27), 57: (20, 10), 10: (5, 5)}[n_rows]
+    assert episode_sizes(n_rows, context_size, query_size) == (c, q)
     queried = np.zeros(n_rows, dtype=int)
     for e in episodes:
         assert len(e.query) == q and len(set(e.query)) == q
-        assert len(e.context) == min(context_size, n_rows - q) and len(set(e.context)) == len(e.context)
+        assert len(e.context) == c and len(set(e.context)) == len(e.context)
         assert set(e.context).isdisjoint(e.query)
         assert e.context.min() >= 0 and e.context.max() < n_rows
         # every class that has rows outside this query is in the context
@@ -885,17 +887,12 @@ def test_official_regression_checkpoint_loads_and_predicts_the_official_quantile
     pipe = TabularPipeline(task_type="regression", model_params={"checkpoint": str(path), "n_estimators": 1},
                            device="cpu").fit(X.iloc[:120], y.iloc[:120])
     assert changed_keys(pipe.module_.state_dict(), official.state_dict()) == []
-    # the pipeline's point prediction is the mean of the official model's quantiles, in the target's units
-    official.eval()
-    Xq = pipe.preprocessor_.transform(X.iloc[120:])
-    full_precision = InferenceConfig()
-    for part in (full_precision.COL_CONFIG, full_precision.ROW_CONFIG, full_precision.ICL_CONFIG):
-        part.update({"use_amp": False})
-    with torch.no_grad():
-        quantiles = official(torch.as_tensor(np.concatenate([pipe.context_X_, Xq]))[None],
-                             torch.as_tensor(pipe.context_y_)[None], inference_config=full_precision)[0]
-    mean, std = pipe.target_scale_
-    expected = quantiles.sort(dim=-1).values.mean(dim=-1).numpy() * std + mean
+    # the pipeline's point prediction is the official regressor's: the mean of its quantiles, in the target's units,
+    # from the package's own estimator on the same file and the same raw table
+    from tabicl import TabICLRegressor
+
+    expected = TabICLRegressor(model_path=str(path), n_estimators=1, device="cpu", allow_auto_download=False) \
+        .fit(X.iloc[:120], y.iloc[:120]).predict(X.iloc[120:])
     np.testing.assert_allclose(pipe.predict(X.iloc[120:]), expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(TabTuneError, match="regression checkpoint, but the task is classification"):
         TabularPipeline(model_params={"checkpoint": str(path)}, device="cpu").fit(X.iloc[:120], (y.iloc[:120] > 50))

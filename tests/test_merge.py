@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 
 from tabtune_cli import TabularPipeline, cli
 from tabtune_cli.models.base import ModelAdapter, Task, frozen_parameters, load_weights
-from tabtune_cli.models.registry import ADAPTERS
+from tabtune_cli.models.registry import ADAPTERS, get_adapter
+from tabtune_cli.models.specs.tabpfn import TabPFNConfig
 from tabtune_cli.tuning import lora
 
 from conftest import SEED, make_table
@@ -234,6 +235,10 @@ def load_with_own_package(name: str, path: Path):
         models, _, _, _ = load_model_criterion_config(path, check_bar_distribution_criterion=False,
                                                       estimator_type="classifier", version="v2",
                                                       download_if_not_exists=False)
+        # the architecture tabtune reads from the same file: its training forward runs the package's estimator,
+        # which needs the file's inference config beside the module the package built
+        models[0].tabtune_architecture = get_adapter("tabpfn").build(
+            TabPFNConfig(checkpoint=str(path)), Task("classification", 2))[1]
         return models[0]
     if name == "tabdpt":
         from tabdpt import TabDPTClassifier

@@ -50,7 +50,7 @@ def test_official_checkpoint_loads_strictly_and_predicts_like_its_module(tmp_pat
     adapter = OrionMSPAdapter()
     path = write_official(tmp_path / "Orion-MSP-v1.0.ckpt", source, CONFIG)
     module, architecture = adapter.build(ModelConfig(name="orionmsp", checkpoint=str(path)), TASK)
-    assert architecture == CONFIG and module.isolate_queries
+    assert architecture == CONFIG and not module.isolate_queries  # the reference's computation, by default
     for key, value in source.state_dict().items():
         assert torch.equal(module.state_dict()[key], value), key
     # a compiled / DataParallel model's key prefixes are stripped
@@ -59,7 +59,7 @@ def test_official_checkpoint_loads_strictly_and_predicts_like_its_module(tmp_pat
     assert all(torch.equal(again.state_dict()[k], v) for k, v in source.state_dict().items())
 
     Xc, yc, Xq = episode(batch=1)
-    source.isolate_queries = True
+    source.isolate_queries = False  # the default: the reference's computation
     X = torch.cat([Xc, Xq], dim=1)
     with torch.no_grad():
         expected_logits = source.eval()(X, yc.float())
@@ -207,7 +207,7 @@ def test_isolate_queries_false_gives_the_references_computation_through_the_adap
     module.load_state_dict(random_orion().state_dict())
     Xc, yc, Xq = episode(batch=1, n_classes=3)
     args = (Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), TASK)
-    isolated = adapter.predict(module, *args, OrionMSPConfig(n_estimators=1), CPU)
+    isolated = adapter.predict(module, *args, OrionMSPConfig(n_estimators=1, isolate_queries=True), CPU)
     shared = adapter.predict(module, *args, OrionMSPConfig(n_estimators=1, isolate_queries=False), CPU)
     module.isolate_queries = False
     with torch.no_grad():  # the bare reference computation, one member, softmax at 0.9
@@ -216,5 +216,25 @@ def test_isolate_queries_false_gives_the_references_computation_through_the_adap
     assert np.abs(isolated - shared).max() > 1e-5
     # the switch reaches the model inside a peft wrapper too (training episodes)
     wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
-    adapter.episode_logits(wrapped, Xc, yc, Xq, TASK, OrionMSPConfig())
+    adapter.episode_logits(wrapped, Xc, yc, Xq, TASK, OrionMSPConfig(isolate_queries=True))
     assert all(m.isolate_queries for m in wrapped.modules() if isinstance(m, OrionMSP))
+
+
+def test_isolating_queries_changes_the_outputs_by_what_it_costs():
+    """``model.isolate_queries=true`` keeps a query's answer independent of its batch-mates, and moves the outputs
+    away from the computation the weights were trained with; the default (false) is that computation."""
+    adapter = OrionMSPAdapter()
+    module = random_orion().eval()
+    Xc, yc, Xq = episode(batch=1)
+    config = OrionMSPConfig()
+    assert config.isolate_queries is False
+    with torch.no_grad():
+        default = adapter.episode_logits(module, Xc, yc, Xq, TASK, config)
+        isolated = adapter.episode_logits(module, Xc, yc, Xq, TASK, OrionMSPConfig(isolate_queries=True))
+        alone = adapter.episode_logits(module, Xc, yc, Xq[:, :1], TASK, OrionMSPConfig(isolate_queries=True))
+        alone_default = adapter.episode_logits(module, Xc, yc, Xq[:, :1], TASK, config)
+    cost = (isolated - default).abs().max().item()
+    print(f"isolating queries moves the logits by up to {cost:.1e}")
+    assert cost > 1e-4
+    torch.testing.assert_close(alone[:, 0], isolated[:, 0], atol=1e-5, rtol=0)  # isolated: batch-mates do not matter
+    assert (alone_default[:, 0] - default[:, 0]).abs().max() > 1e-6  # the reference's: they do

@@ -21,6 +21,7 @@ from tabtune_cli.config import ModelConfig
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import get_adapter
+from tabtune_cli.models.specs.tabdpt import TabDPTConfig
 from tabtune_cli.models.tabdpt import _cfg
 from tabtune_cli.tuning.episodes import epoch_episodes
 
@@ -87,8 +88,8 @@ def test_official_checkpoint_loads_and_predicts_like_the_package(tmp_path):
     expected = package_estimator(TabDPTClassifier, path, Xc, yc).predict_proba(Xq)
     np.testing.assert_allclose(proba, expected, atol=1e-5)
     # past max_context_rows both retrieve each query's nearest training rows (the package with FAISS)
-    retrieved = adapter.predict(module, Xc, yc, Xq, task, ModelConfig(name="tabdpt", n_estimators=1,
-                                softmax_temperature=1.0, max_context_rows=24), CPU)
+    retrieved = adapter.predict(module, Xc, yc, Xq, task, TabDPTConfig(n_estimators=1,
+                                softmax_temperature=1.0, max_context_rows=24, context_reduction="retrieval"), CPU)
     expected_retrieved = package_estimator(TabDPTClassifier, path, Xc, yc, context_reduction="retrieval") \
         .predict_proba(Xq, context_size=24)
     np.testing.assert_allclose(retrieved, expected_retrieved, atol=1e-5)
@@ -107,7 +108,7 @@ def test_regression_predicts_the_package_mean_and_trains_on_bins(tmp_path):
     Xc, _, Xq = table()
     yc = (3.0 * Xc[:, 0] + 10.0).astype(np.float32)
     for cap, reduction in ((2048, "subsample"), (24, "retrieval")):
-        config = ModelConfig(name="tabdpt", n_estimators=1, max_context_rows=cap)
+        config = TabDPTConfig(n_estimators=1, max_context_rows=cap, context_reduction=reduction)
         values = adapter.predict(module, Xc, yc, Xq, task, config, CPU)
         expected = package_estimator(TabDPTRegressor, path, Xc, yc, context_reduction=reduction) \
             .predict(Xq, n_ensembles=1, context_size=cap)
@@ -131,7 +132,7 @@ def test_ensembles_equal_the_package_estimator_at_equal_settings(tmp_path, n_mem
     module, _ = adapter.build(ModelConfig(name="tabdpt", checkpoint=str(path)), task)
     Xc, yc, Xq = table(n_features=6)
     Xc[::7, 2] = np.nan  # the estimator's mean imputation
-    config = ModelConfig(name="tabdpt", n_estimators=n_members, softmax_temperature=temperature,
+    config = TabDPTConfig(context_reduction="retrieval", n_estimators=n_members, softmax_temperature=temperature,
                          max_context_rows=context_size)
     ours = adapter.predict(module, Xc, yc, Xq, task, config, CPU)
     package = package_estimator(TabDPTClassifier, path, Xc, yc, context_reduction="retrieval")
@@ -182,7 +183,7 @@ def test_the_fitted_estimator_is_cached_per_context_and_rebuilt_for_new_weights(
     adapter, task = get_adapter("tabdpt"), Task("classification", 3)
     module, _ = adapter.build(ModelConfig(name="tabdpt", checkpoint=str(path)), task)
     Xc, yc, Xq = table()
-    config = ModelConfig(name="tabdpt", n_estimators=2, max_context_rows=24)  # retrieval: the FAISS index too
+    config = TabDPTConfig(n_estimators=2, max_context_rows=24, context_reduction="retrieval")  # retrieval: the FAISS index too
     cache = adapter.context_cache
     first = adapter.predict(module, Xc, yc, Xq, task, config, CPU)
     assert (cache.hits, cache.misses) == (0, 1)
@@ -276,7 +277,7 @@ def test_pipeline_takes_the_checkpoint_through_model_params(tmp_path, split):
 def test_retrieval_episodes_are_local_disjoint_and_cover_every_row():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 4)).astype(np.float32)
-    adapter, config = get_adapter("tabdpt"), ModelConfig(name="tabdpt", max_context_rows=50)
+    adapter, config = get_adapter("tabdpt"), TabDPTConfig(max_context_rows=50, context_reduction="retrieval")
     episodes = epoch_episodes(None, 200, 40, 16, rng, n_features=4)
     assert adapter.plan_episodes(episodes, X, ModelConfig(name="tabdpt"), rng) is episodes  # small split: as sampled
     planned = adapter.plan_episodes(episodes, X, config, rng)

@@ -121,7 +121,7 @@ def test_released_v2_checkpoint_loads_and_predicts_like_the_package(tmp_path):
     Xc, yc, Xq = episode()
     expected = package_outputs(package_model, Xc, yc, Xq)
     module.eval()
-    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected[:, :3])
+    torch.testing.assert_close(adapter._forward(module, Xc, yc, Xq)[0][:, :3], expected[:, :3])
     # prediction is the package's estimator on the same file (its per-member preprocessing included)
     config = TabPFNConfig(checkpoint=str(path), n_estimators=1, softmax_temperature=0.9)
     proba = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), task, config, torch.device("cpu"))
@@ -236,7 +236,7 @@ def test_later_versions_load_predict_like_the_package_and_take_live_lora(version
     Xc, yc, Xq = episode()
     module.eval()
     expected = package_outputs(package_model, Xc, yc, Xq)[:, :3]
-    torch.testing.assert_close(adapter.episode_logits(module, Xc, yc, Xq, task)[0], expected)
+    torch.testing.assert_close(adapter._forward(module, Xc, yc, Xq)[0][:, :3], expected)
     # prediction: the package's estimator on the file, with the file's inference config
     Xc_, yc_, Xq_, _ = recipe_episode()
     config = TabPFNConfig(checkpoint=str(path), version=version, n_estimators=2)
@@ -498,21 +498,23 @@ def test_on_a_bf16_cpu_tabtune_takes_the_packages_autocast_too(tmp_path, monkeyp
 
 
 def test_a_class_the_episode_context_lacks_trains_against_the_right_columns():
-    """TabPFN's forward numbers the classes its context holds (0, 2 -> columns 0, 1): the training logits are
+    """The estimator numbers the classes its context holds (0, 2 -> columns 0, 1): the training logits are
     mapped back to the task's classes, and a query of a class the context lacks is left out of the loss."""
     adapter, task = get_adapter("tabpfn"), Task("classification", 3)
     module, _ = noisy_tiny(adapter, task)
     module.eval()
     Xc, _, Xq = episode(n_context=30, n_query=9)
     yc = (torch.arange(30)[None] % 2) * 2  # classes 0 and 2 only
-    raw = package_outputs(module, Xc, yc, Xq)  # the module's own columns: 0 -> class 0, 1 -> class 2
+    estimator, members = adapter.member_logits(module, Xc[0], yc[0], Xq[0], task, TabPFNConfig())
+    assert list(estimator.classes_) == [0, 2]
+    raw = members.mean(0)  # the members' columns: 0 -> class 0, 1 -> class 2
     logits = adapter.episode_logits(module, Xc, yc, Xq, task)[0]
-    torch.testing.assert_close(logits[:, [0, 2]], raw[:, :2], rtol=0, atol=0)
+    torch.testing.assert_close(logits[:, [0, 2]], raw, rtol=0, atol=1e-6)
     assert torch.isneginf(logits[:, 1]).all()
     yq = torch.tensor([[0, 2, 1, 2, 0, 1, 0, 2, 2]])
     loss = adapter.episode_loss(logits[None], yq, task)
     keep = yq[0] != 1
-    expected = torch.nn.functional.cross_entropy(raw[keep][:, :2], (yq[0][keep] == 2).long())
+    expected = torch.nn.functional.cross_entropy(raw[keep], (yq[0][keep] == 2).long())
     torch.testing.assert_close(loss, expected)
     only_absent = adapter.episode_loss(logits[None], torch.ones(1, 9, dtype=torch.long), task)
     assert only_absent.item() == 0.0

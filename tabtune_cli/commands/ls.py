@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..config import StrategyName, conf_dir
+from ..config import StrategyName, conf_dir, group_defaults, recipe_defaults
 from ..data.builtin import BUILTIN
 from ..models.registry import SPECS
 
@@ -28,6 +28,7 @@ def run(argv: list[str]) -> int:
     for s in StrategyName:
         strategies.add_row(s.value, what[s.value])
     console.print(strategies)
+    console.print(_recipes())
 
     datasets = Table(title="datasets (dataset=<name>)")
     datasets.add_column("name")
@@ -50,6 +51,32 @@ def run(argv: list[str]) -> int:
     launchers = ", ".join(["joblib", *(p.stem for p in sorted((conf_dir() / "hydra" / "launcher").glob("*.yaml")))])
     console.print(f"sweep launchers: hydra/launcher=<{launchers}> (README: Sweeps)")
     return 0
+
+
+def _recipes() -> Table:
+    """Each model's fine-tuning defaults: its recipe (``conf/recipe/``, with its source) or the strategy's own."""
+    table = Table(title="fine-tuning recipes (the model's defaults for strategy=base-ft / peft; keys you set win)")
+    table.add_column("model")
+    trained = [s.value for s in StrategyName if s != StrategyName.inference]
+    for strategy in trained:
+        table.add_column(strategy)
+    for name in sorted(SPECS):
+        cells = []
+        for strategy in trained:
+            path = conf_dir() / "recipe" / f"{name}_{strategy}.yaml"
+            keys = {**group_defaults("strategy", strategy), **recipe_defaults(name, strategy)}
+            figures = (f"lr {keys['learning_rate']:g}, {keys['epochs']} epochs x {keys['steps_per_epoch'] or 'a pass'}"
+                       f" step(s), episodes {keys['context_size']:,} + {keys['query_size']:,} rows")
+            source = _source(path) if path.is_file() else "the strategy's defaults (measured on nano)"
+            cells.append(f"{figures}\n{source}")
+        table.add_row(name, *cells)
+    return table
+
+
+def _source(path) -> str:
+    """A recipe's ``# Source:`` line."""
+    return next((line.split(":", 1)[1].strip() for line in path.read_text().splitlines()
+                 if line.startswith("# Source:")), "")
 
 
 def _described(path) -> str:

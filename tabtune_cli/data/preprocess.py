@@ -2,7 +2,10 @@
 
 Every column becomes one or more float features:
 - numeric: missing values filled with the training median (plus a 0/1 missing
-  indicator when training had gaps), then standardised and clipped;
+  indicator when training had gaps), then standardised and clipped; or, for a model whose
+  package reads numbers itself (``raw_numbers``: TabICL, TabPFN, TabDPT), the user's values
+  as given, a missing or non-finite value as NaN, so the package's own member preprocessing
+  sees what it would see without tabtune;
 - categorical (strings, booleans, categories): codes by training frequency, one
   extra code shared by missing and unseen values, then standardised; or, for a
   model that asks for it (``one_hot_max_levels``), one 0/1 column per level when
@@ -100,9 +103,14 @@ class Preprocessor:
     """Fit on the training features, then map any table with the same columns to float32 arrays."""
 
     def __init__(self, state: dict | None = None, one_hot_max_levels: int = 0, text_columns: list | None = None,
-                 text_features: int = 8):
+                 text_features: int = 8, raw_numbers: bool = False):
         self.state, self.one_hot_max_levels = state, one_hot_max_levels
-        self.text_columns, self.text_features = text_columns, text_features
+        self.text_columns, self.text_features, self.raw_numbers = text_columns, text_features, raw_numbers
+
+    @property
+    def _raw(self) -> bool:
+        """Numeric columns pass as given (a saved state says so; states written before the option did not)."""
+        return bool(self.state.get("raw_numbers", False)) if self.state else self.raw_numbers
 
     # ---- fitting -------------------------------------------------------------------------
     def fit(self, frame: pd.DataFrame, y: pd.Series | None = None) -> "Preprocessor":
@@ -149,7 +157,8 @@ class Preprocessor:
         if not columns:
             raise TabTuneError("no usable feature columns: every column is constant or ID-like "
                                f"({', '.join(f'{k}: {v}' for k, v in dropped.items())})")
-        self.state = {"columns": columns, "dropped": dropped, "input_columns": [str(c) for c in frame.columns]}
+        self.state = {"columns": columns, "dropped": dropped, "input_columns": [str(c) for c in frame.columns],
+                      "raw_numbers": self.raw_numbers}
         return self
 
     @staticmethod
@@ -201,10 +210,11 @@ class Preprocessor:
             if spec["kind"] == "text":
                 names.extend(f"{spec['name']}.text{i}" for i in range(len(spec["std"])))
                 continue
+            raw = spec["kind"] == "numeric" and self._raw
             for st in spec["stats"]:
                 base = str(spec["name"]) if spec["kind"] == "numeric" else f"{spec['name']}.{st['part']}"
                 names.append(base)
-                if st["missing_indicator"]:
+                if st["missing_indicator"] and not raw:
                     names.append(f"{base}.missing")
         return names
 
@@ -215,7 +225,8 @@ class Preprocessor:
         return self.state["columns"]
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """Return the float32 feature matrix for ``frame`` (its columns must include the fitted ones)."""
+        """Return the feature matrix for ``frame`` (its columns must include the fitted ones): float32, or float64
+        with ``raw_numbers``."""
         missing = [str(s["name"]) for s in self._columns if s["name"] not in frame.columns]
         if missing:
             raise TabTuneError(f"column {missing[0]!r} is missing from the table (the model was fitted with it)")
@@ -239,6 +250,10 @@ class Preprocessor:
             else:
                 values = pd.to_numeric(col, errors="coerce") if not pd.api.types.is_numeric_dtype(col) else col
                 parts = values.astype("float64").to_frame(name=str(spec["name"]))
+                if self._raw:  # the user's numbers; the package fills and scales them itself
+                    values = parts.iloc[:, 0].to_numpy(dtype="float64")
+                    blocks.append(np.where(np.isfinite(values), values, np.nan)[:, None])
+                    continue
             for st, part in zip(spec["stats"], parts.columns):
                 values = parts[part].to_numpy(dtype="float64")
                 gap = ~np.isfinite(values)
@@ -246,7 +261,9 @@ class Preprocessor:
                 blocks.append(np.clip((values - st["mean"]) / st["std"], -CLIP, CLIP)[:, None])
                 if st["missing_indicator"]:
                     blocks.append(gap.astype("float64")[:, None])
-        return np.hstack(blocks).astype(np.float32)
+        # float64 where the user's numbers pass through: float32 would round a value like 10,000.3 to 10,000.2998,
+        # and a package's quantile and power transforms are not blind to that
+        return np.hstack(blocks).astype(np.float64 if self._raw else np.float32)
 
     def fit_transform(self, frame: pd.DataFrame) -> np.ndarray:
         return self.fit(frame).transform(frame)

@@ -56,6 +56,9 @@ class ModelSpec:
     repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
     checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
     default_lora_prefixes: ClassVar[tuple[str, ...]] = ()  # module-name prefixes LoRA reaches by default
+    # the tasks for which the model's package preprocesses numbers itself (imputation, scaling, transforms per
+    # member) and training follows it: numeric columns then reach it as the user gave them (``data.preprocess``)
+    raw_numbers: ClassVar[tuple[str, ...]] = ()
 
     def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
         """The local checkpoint ``build`` will load (None for random weights); errors before any run starts.
@@ -131,14 +134,16 @@ class ModelAdapter(ModelSpec):
         raise NotImplementedError
 
     # -- tables ------------------------------------------------------------------------------
-    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8):
+    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8,
+                     task_kind: str = "classification"):
         """A fresh preprocessor for this model's tables (default: the shared one); ``fit(X, y)`` then ``transform``.
 
-        ``text_columns`` (None: detected) and ``text_features`` say how free-text columns are read."""
+        ``text_columns`` (None: detected) and ``text_features`` say how free-text columns are read; numbers pass
+        as given where the model's package reads them itself for ``task_kind`` (``raw_numbers``)."""
         from ..data.preprocess import Preprocessor
 
         return Preprocessor(one_hot_max_levels=self.one_hot_max_levels(config), text_columns=text_columns,
-                            text_features=text_features)
+                            text_features=text_features, raw_numbers=task_kind in self.raw_numbers)
 
     def preprocessor_from_json(self, state: dict, config: ModelConfig):
         """The fitted preprocessor a saved pipeline wrote with ``to_json``."""
@@ -348,6 +353,21 @@ def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndar
                                 X_query, Task(task.kind, len(members)), config, device)
         probs[:, members] = top[:, i:i + 1] * inner
     return probs
+
+
+def known_class_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over the query rows whose class the episode's context holds: a model whose forward
+    numbers the context's classes itself (TabPFN, TabICL's estimator) has no output for another class (-inf
+    there), so such a row has nothing to learn from, as prediction gives that class no probability."""
+    import torch
+    from torch import nn
+
+    logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    # an absent class is exactly -inf; a NaN (diverged weights) must stay in the loss, so the trainer sees it
+    known = ~torch.isneginf(logits.gather(1, target[:, None]))[:, 0]
+    if not known.any():  # nothing to learn from this batch: zero, still attached to the weights
+        return logits[~torch.isneginf(logits)].sum() * 0
+    return nn.functional.cross_entropy(logits[known], target[known])
 
 
 def under_prefixes(name: str, prefixes: list[str]) -> bool:

@@ -197,10 +197,17 @@ def _pad(X: Tensor, width: int) -> Tensor:
     return F.pad(X, (0, width - X.shape[-1]))
 
 
-def _standardise_like(reference: Tensor, *others: Tensor) -> list[Tensor]:
-    mean, std = reference.mean(0), reference.std(0)
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return [(t - mean) / std for t in (reference, *others)]
+def filled_and_scaled(X_context: Tensor, X_query: Tensor) -> tuple[Tensor, Tensor]:
+    """An episode's (B, rows, features) inputs with missing values filled with the context's column means, then
+    scaled by the context's mean and standard deviation (a constant column keeps scale 1): what TabDPT's
+    estimator hands its model (``SimpleImputer``, ``StandardScaler``)."""
+    X_context, X_query = X_context.float(), X_query.float()
+    mean = torch.nanmean(X_context, dim=1, keepdim=True).nan_to_num(0.0)
+    X_context = torch.where(torch.isnan(X_context), mean, X_context)
+    X_query = torch.where(torch.isnan(X_query), mean, X_query)
+    std = X_context.std(dim=1, unbiased=False, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (X_context - mean) / std, (X_query - mean) / std
 
 
 @dataclasses.dataclass
@@ -315,7 +322,8 @@ class ContextKeyValueModel:
         return query_outputs(model, self.contexts[key], x_src[:, n_context:])
 
 
-def fitted_estimator(model: nn.Module, X_context: np.ndarray, y_context: np.ndarray, task: Task, device):
+def fitted_estimator(model: nn.Module, X_context: np.ndarray, y_context: np.ndarray, task: Task, device,
+                     context_reduction: str = "subsample"):
     """The package's ``TabDPTClassifier`` / ``TabDPTRegressor`` running ``model``, fitted on the context.
 
     Built as the package builds it, with retrieval past the context size, no flash attention and no
@@ -331,7 +339,7 @@ def fitted_estimator(model: nn.Module, X_context: np.ndarray, y_context: np.ndar
         def _load_model(self):
             self.path, self.model = None, ContextKeyValueModel(model)
 
-    estimator = OnModule(normalizer="standard", context_reduction="retrieval", device=str(device),
+    estimator = OnModule(normalizer="standard", context_reduction=context_reduction, device=str(device),
                          use_flash=False, compile=False, verbose=False)
     TabDPTEstimator.fit(estimator, np.asarray(X_context), np.asarray(y_context))
     if task.is_classification:  # TabDPTClassifier.fit, without sizing the output by the classes present
@@ -400,6 +408,7 @@ class TabDPTAdapter(TabDPTSpec, ModelAdapter):
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
         model = _tabdpt_model(module)
+        X_context, X_query = filled_and_scaled(X_context, X_query)
         with _context_statistics(module):
             if task.is_classification:
                 return self._forward(module, X_context, y_context, X_query, True)[..., : task.n_classes]
@@ -424,26 +433,28 @@ class TabDPTAdapter(TabDPTSpec, ModelAdapter):
         module.eval()
         model = _tabdpt_model(module)
         _check_width(X_context.shape[1], model.num_features)
-        fit = lambda: fitted_estimator(model, X_context, y_context, task, device)  # noqa: E731
+        reduction = getattr(config, "context_reduction", "subsample")
+        fit = lambda: fitted_estimator(model, X_context, y_context, task, device, reduction)  # noqa: E731
         if self.cache_context:
             cache, arrays = self.context_cache, (X_context, y_context)
-            settings = (task.kind, task.n_classes, str(device))
+            settings = (task.kind, task.n_classes, str(device), reduction)
             if cache.key(module, arrays, settings) not in cache.entries:
                 cache.entries.clear()  # let the old context's keys and values go before the new ones are built
             estimator = cache.get(module, arrays, fit, settings)
         else:
             estimator = fit()
-        cap = config.max_context_rows
-        # stacked context: the package's own query batches; retrieval: a bounded number of rows per forward
-        batch = None if len(X_context) <= cap else max(1, ROWS_PER_FORWARD // (cap + 1))
-        seed = None if config.n_estimators == 1 else 0
+        cap = config.max_context_rows  # None: every row, the package's default
+        retrieves = cap is not None and len(X_context) > cap and reduction == "retrieval"
+        # one stacked context: the package's own query batches; retrieval: a bounded number of rows per forward
+        batch = max(1, ROWS_PER_FORWARD // (cap + 1)) if retrieves else None
+        members = config.n_estimators or 1  # null: predict_proba's one pass, the package's default
+        temperature = config.softmax_temperature or 1.0
+        seed = None if members == 1 else 0
         X_query = np.asarray(X_query)
         if task.is_classification:
-            return estimator.ensemble_predict_proba(X_query, n_ensembles=config.n_estimators,
-                                                    temperature=config.softmax_temperature, context_size=cap,
-                                                    batch_size=batch, seed=seed)
-        return estimator.predict(X_query, n_ensembles=config.n_estimators, context_size=cap, batch_size=batch,
-                                 seed=seed)
+            return estimator.ensemble_predict_proba(X_query, n_ensembles=members, temperature=temperature,
+                                                    context_size=cap, batch_size=batch, seed=seed)
+        return estimator.predict(X_query, n_ensembles=members, context_size=cap, batch_size=batch, seed=seed)
 
     # -- context -------------------------------------------------------------------------------
     def prediction_context(self, labels, n_rows: int, config: ModelConfig, seed: int) -> np.ndarray:
@@ -453,10 +464,12 @@ class TabDPTAdapter(TabDPTSpec, ModelAdapter):
     def plan_episodes(self, episodes: list, X: np.ndarray, config: ModelConfig, rng: np.random.Generator) -> list:
         """Past ``max_context_rows``, local episodes: neighbourhood queries, their nearest non-query rows as context."""
         n_rows = len(X)
-        if n_rows <= config.max_context_rows or not episodes:
+        cap = config.max_context_rows
+        if cap is None or n_rows <= cap or getattr(config, "context_reduction", "") != "retrieval" or not episodes:
             return episodes
         n_query, n_context = len(episodes[0].query), len(episodes[0].context)
-        Z = _standardise_like(torch.as_tensor(X, dtype=torch.float32))[0]
+        rows = torch.as_tensor(X, dtype=torch.float32)[None]
+        Z = filled_and_scaled(rows, rows[:, :0])[0][0]  # filled and scaled, as retrieval sees the rows
         visited = np.zeros(n_rows, dtype=bool)
         planned = []
 

@@ -20,25 +20,26 @@ tabicl's own ``recompute`` (each transformer block checkpointed in training).
 
 Prediction is tabicl's own recipe, run by tabicl's own estimator. ``predict`` hands the module to a
 ``TabICLClassifier`` / ``TabICLRegressor`` (the package's fine-tuner injects its model the same way)
-and lets the estimator do the rest: its per-member preprocessing (``EnsembleGenerator``: standard
-scaling, ``"none"``/``"power"`` normalisation, outlier clipping), Latin-square feature shuffles, cyclic
-class shifts, batched members, logits averaged and a softmax at ``softmax_temperature``, its AMP
+and lets the estimator do the rest: its per-member preprocessing (``EnsembleGenerator``: imputation,
+standard scaling, ``"none"``/``"power"`` normalisation, outlier clipping), Latin-square feature shuffles,
+cyclic class shifts, batched members, logits averaged and a softmax at ``softmax_temperature``, its AMP
 choice (off on CPU, by table size on CUDA), and for regression the target scaler and the mean of the
-quantiles. The boundary: tabtune's shared preprocessor runs first (categoricals, text, missing values,
-dates) and the estimator receives its float matrix, as a user would hand the estimator a numeric
-table; the estimator's own ``TransformToNumerical`` is then a no-op. Same checkpoint, same matrix,
-same settings: the same probabilities (``tests/test_tabicl_recipe.py``). Fine-tuning's validation goes
-through the same ``predict``; its training episodes (``episode_logits``) still feed tabtune's matrix
-straight to the training forward, without the members' normalisation (tabicl's own fine-tuner trains
-on ``EnsembleGenerator`` views).
+quantiles. The boundary: numeric columns reach the estimator as the user gave them (``raw_numbers``:
+float64, gaps as NaN); tabtune's shared preprocessor encodes only what the estimator would otherwise
+read differently (categoricals as codes, dates, text). With no setting the estimator runs at its own
+defaults: 8 members, every training row as context, temperature 0.9, ``random_state=42``, so the same raw
+table gives ``TabICLClassifier()``'s probabilities (``tests/test_package_defaults.py``).
 
-Mapped settings: ``model.n_estimators`` is the estimator's ``n_estimators`` and
-``model.softmax_temperature`` its ``softmax_temperature``. Deliberate differences: tabtune's default
-is 4 members (the estimator's is 8; set ``model.n_estimators=8`` for its default); the rest are the
-estimator's defaults (``norm_methods=["none", "power"]``, ``feat_shuffle_method="latin"``,
-``class_shuffle_method="shift"``, ``average_logits=True``, ``random_state=42``, ``batch_size=8``);
-queries go in chunks of ``QUERY_CHUNK`` rows so memory stays flat on big tables (query rows never
-see each other, so chunks change nothing but the last bits).
+Training sees what prediction sees. ``episode_logits`` fits the same estimator on each episode's context
+and sends the query rows through its members (``member_outputs``; ``strategy.train_n_estimators`` of them,
+tabicl's own fine-tuner uses 2), then runs the module's training forward on those inputs and averages the
+members' logits, as prediction averages them; in eval mode that equals the prediction path
+(``tests/test_adapters.py::test_the_training_forward_is_the_prediction_forward``).
+
+Mapped settings: ``model.n_estimators`` is the estimator's ``n_estimators``, ``model.softmax_temperature``
+its ``softmax_temperature`` and ``model.max_context_rows`` (null: every row) a stratified cap on the
+context a user may choose. Queries go in chunks of ``QUERY_CHUNK`` rows so memory stays flat on big tables
+(query rows never see each other, so chunks change nothing but the last bits).
 
 The context is encoded once. The fitted estimator, with tabicl's key/value cache of the context
 (``kv_cache=True``: column-embedding and ICL keys/values of every member), is kept in the adapter's
@@ -66,8 +67,8 @@ from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from ..tuning import lora
-from .base import ContextCache, ModelAdapter, Task, load_weights
-from .specs.tabicl import CHECKPOINTS, TabICLSpec
+from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights
+from .specs.tabicl import CHECKPOINTS, TabICLConfig, TabICLSpec
 
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 QUERY_CHUNK = 8192  # query rows per estimator call (with the context's keys/values cached)
@@ -221,14 +222,27 @@ class TabICLAdapter(TabICLSpec, ModelAdapter):
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
-        X = torch.cat([X_context, X_query], dim=1)
-        y = y_context.float() if task.is_classification else y_context
-        out = module(X, y)
-        return out[..., : task.n_classes] if task.is_classification else out
+        """Each episode as ``predict`` sees it: through the estimator's own members (``member_outputs``), their
+        logits (regression: quantiles, in the episode's target units) averaged as the estimator averages them.
+
+        Classes run in the episode's numbering; a class the episode's context lacks has no output (-inf), as
+        the estimator gives it no probability. ``config.n_estimators`` members (``strategy.train_n_estimators``)."""
+        config = config if config is not None else TabICLConfig()
+        outputs = []
+        for Xc, yc, Xq in zip(X_context, y_context, X_query):
+            estimator, members = member_outputs(module, Xc, yc, Xq, task, config)
+            if task.is_classification:
+                present = torch.as_tensor(estimator.classes_.astype(np.int64), device=members.device)
+                logits = members.new_full((*members.shape[1:-1], task.n_classes), float("-inf"))
+                outputs.append(logits.index_copy(-1, present, members.mean(0)))
+            else:
+                scale = estimator.y_scaler_
+                outputs.append(members.mean(0) * float(scale.scale_[0]) + float(scale.mean_[0]))
+        return torch.stack(outputs)
 
     def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
         if task.is_classification:
-            return super().episode_loss(outputs, y_query, task)
+            return known_class_loss(outputs, y_query)
         # pinball loss over the model's quantile levels
         n = outputs.shape[-1]
         alphas = torch.linspace(0.0, 1.0, n + 2, device=outputs.device, dtype=outputs.dtype)[1:-1]
@@ -281,15 +295,53 @@ class TabICLAdapter(TabICLSpec, ModelAdapter):
                 sub.recompute = enabled
 
 
+def member_outputs(module: nn.Module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
+                   config: ModelConfig):
+    """``(estimator, outputs)``: tabicl's estimator fitted on one episode's context, and the module's outputs
+    for the query rows from each of its members, with gradients (E, n_query, classes present) or
+    (E, n_query, quantiles in the estimator's scaled target units).
+
+    The members are the estimator's own (``EnsembleGenerator``: imputation, scaling, ``"none"``/``"power"``
+    normalisation, outlier clipping, Latin-square feature shuffles, cyclic class shifts), fitted on the
+    context exactly as ``predict`` fits them; each member's class columns are put back in the context's class
+    order (the estimator's ``classes_``), as its ``predict_proba`` does. In eval mode the outputs are the
+    ones ``predict`` averages (``tests/test_training_forward.py``); in train mode tabicl's training forward
+    runs on the same inputs."""
+    device = X_context.device
+    estimator = own_estimator(module, task, config, device, kv_cache=False)
+    training = module.training
+    y = y_context.detach().cpu().numpy()
+    estimator.fit(X_context.detach().cpu().numpy(), y.astype(np.int64) if task.is_classification else y)
+    module.train(training)  # the estimator's fit switches the model it holds to eval
+    views = estimator.ensemble_generator_.transform(estimator.X_encoder_.transform(X_query.detach().cpu().numpy()),
+                                                    mode="both")
+    outputs = []
+    for norm_method, (Xs, ys) in views.items():
+        shuffles = np.asarray(estimator.ensemble_generator_.feature_shuffles_[norm_method]).tolist()
+        kwargs = dict(return_logits=True, softmax_temperature=estimator.softmax_temperature) \
+            if task.is_classification else {}
+        outputs.append(module(X=torch.from_numpy(Xs).float().to(device), y_train=torch.from_numpy(ys).float().to(device),
+                              feature_shuffles=shuffles, inference_config=estimator.inference_config_, **kwargs))
+    outputs = torch.cat(outputs)
+    if not task.is_classification:
+        return estimator, outputs
+    n_present = len(estimator.classes_)
+    shifts = [shift for member in estimator.ensemble_generator_.class_shuffles_.values() for shift in member]
+    return estimator, torch.stack([out[..., :n_present][..., list(shift)] for out, shift in zip(outputs, shifts)])
+
+
 def own_estimator(module: nn.Module, task: Task, config: ModelConfig, device, kv_cache: bool):
     """tabicl's own unfitted ``TabICLClassifier`` / ``TabICLRegressor`` at tabtune's settings, holding ``module``.
 
     ``module`` replaces the checkpoint the estimator would load (no copy: the estimator predicts
     with these weights, LoRA included), as tabicl's own fine-tuner does for its validation."""
-    settings = dict(n_estimators=config.n_estimators, kv_cache=kv_cache, device=torch.device(device),
-                    allow_auto_download=False, verbose=False)
+    settings = dict(kv_cache=kv_cache, device=torch.device(device), allow_auto_download=False, verbose=False)
+    if config.n_estimators is not None:  # null: the estimator's own default
+        settings["n_estimators"] = config.n_estimators
     if task.is_classification:
-        estimator = TabICLClassifier(softmax_temperature=config.softmax_temperature, **settings)
+        if config.softmax_temperature is not None:
+            settings["softmax_temperature"] = config.softmax_temperature
+        estimator = TabICLClassifier(**settings)
     else:
         estimator = TabICLRegressor(**settings)
     estimator.model_ = module

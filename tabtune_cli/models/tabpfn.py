@@ -36,12 +36,20 @@ SVD features, the fingerprint feature, outlier clipping, categorical encodings),
 target transforms, temperature and averaging, with the checkpoint's inference config (v2 / v2.5 files carry
 none: the package's default for the version, as its loader guesses). With the same checkpoint file,
 ``n_estimators``, ``softmax_temperature`` and ``random_state=0`` it equals the estimator within float rounding
-(about 1e-7; tests hold 1e-4). The boundary: the estimator sees tabtune's matrix, not the user's table, so
-categoricals, dates and text are numbers made by tabtune's shared preprocessor first, and the package's
-modality detection runs on that matrix as on any numeric array (a code column with few values is treated
-as categorical again). Fine-tuning validation predicts the same way (``predict_classes``); the training
-episodes keep the differentiable raw forward below (``episode_logits``), which sees tabtune's columns
-without the per-member preprocessing.
+(about 1e-7; tests hold 1e-4). The boundary: for classification the estimator is handed the user's numbers
+(``raw_numbers``: float64, gaps as NaN), as a user would hand it the table; tabtune's shared preprocessor
+encodes only categoricals (as codes), dates and text, and the package's modality detection runs on that
+matrix as on any numeric array. With no setting the estimator runs at its own defaults (``"auto"`` members
+and temperature from the inference config, ``random_state=0``, every training row as context), so the same
+raw table gives ``TabPFNClassifier()``'s probabilities (``tests/test_package_defaults.py``).
+
+Training sees what prediction sees (classification). ``episode_logits`` fits the same estimator on each
+episode's context (``fit_mode="fit_preprocessors"``) and runs its own forward over the query rows with
+torch's inference mode off (``member_logits``; ``strategy.train_n_estimators`` members), averaging the
+members' logits; in eval mode one member equals the prediction path
+(``tests/test_adapters.py::test_the_training_forward_is_the_prediction_forward``). Regression does not follow
+the members' target transforms yet: its episodes keep the raw forward on tabtune's standardised columns,
+and a regression table keeps tabtune's standardisation for prediction too.
 
 The context is encoded once. The estimator fits with ``fit_mode="fit_with_cache"`` (members preprocessed,
 the context's keys/values computed) and is kept in the adapter's ``ContextCache``, keyed by the context,
@@ -97,8 +105,8 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ContextCache, ModelAdapter, Task, load_weights
-from .specs.tabpfn import ESTIMATOR, VERSIONS, TabPFNConfig, TabPFNSpec  # noqa: F401 (TabPFNConfig: re-exported)
+from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights
+from .specs.tabpfn import ESTIMATOR, VERSIONS, TabPFNConfig, TabPFNSpec
 
 # versions whose checkpoints keep the regression borders beside the model, as criterion.borders
 CRITERION_BORDERS = ("tabpfn_v2", "tabpfn_v2_5", "tabpfn_v2_6")
@@ -247,27 +255,52 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
     @staticmethod
     def _forward(module, X_context: Tensor, y_context: Tensor, X_query: Tensor) -> Tensor:
         """(B, n_query, n_out) raw outputs: TabPFN's own forward, sequence-first."""
-        X = torch.cat([X_context, X_query], dim=1).transpose(0, 1)
+        X = torch.cat([X_context, X_query], dim=1).float().transpose(0, 1)
         out = module(X, y_context.transpose(0, 1).float())
         return out.transpose(0, 1)
 
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
-        out = self._forward(module, X_context, y_context, X_query)
-        if task.is_classification:
-            return context_classes_to_task(out, y_context, task.n_classes)
-        self._criterion = bar_distribution(module)
-        return out
+        """Classification: each episode as ``predict`` sees it, through the estimator's own members
+        (``member_logits``), their logits averaged; a class the episode's context lacks gets -inf. Regression:
+        the raw forward on tabtune's standardised columns (the members' feature and target transforms are not
+        followed yet: ``raw_numbers``)."""
+        if not task.is_classification:
+            self._criterion = bar_distribution(module)
+            return self._forward(module, X_context, y_context, X_query)
+        config = config if config is not None else TabPFNConfig()
+        outputs = []
+        for Xc, yc, Xq in zip(X_context, y_context, X_query):
+            if len(torch.unique(yc)) < 2:  # the estimator wants two classes: the raw forward answers
+                outputs.append(context_classes_to_task(self._forward(module, Xc[None], yc[None], Xq[None]),
+                                                       yc[None], task.n_classes)[0])
+                continue
+            estimator, members = self.member_logits(module, Xc, yc, Xq, task, config)
+            present = torch.as_tensor(np.asarray(estimator.classes_, dtype=np.int64), device=members.device)
+            logits = members.new_full((members.shape[1], task.n_classes), float("-inf"))
+            outputs.append(logits.index_copy(-1, present, members.mean(0)))
+        return torch.stack(outputs)
+
+    def member_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
+                      config: ModelConfig):
+        """``(estimator, logits)``: the package's classifier fitted on one episode's context
+        (``fit_mode="fit_preprocessors"``: each member's quantile/power transforms, SVD and fingerprint
+        features, outlier clipping and shuffles fitted on the context, as ``predict`` fits them), and the
+        module's raw logits for the query rows from every member, (E, n_query, classes present), with
+        gradients: the estimator's own forward (``return_raw_logits``, class permutations undone) runs with
+        torch's inference mode off, the switch the package's fine-tuner turns the same way."""
+        training = module.training
+        estimator = self.fitted_estimator(module, X_context.detach().cpu().numpy(), y_context.cpu().numpy(), task,
+                                          config, X_context.device, fit_mode="fit_preprocessors")
+        module.train(training)  # the estimator puts the model it holds in eval mode
+        executor = estimator.executor_
+        executor.use_torch_inference_mode = lambda use_inference: setattr(executor, "inference_mode", False)
+        logits = estimator._raw_predict(X_query.detach().cpu().numpy(), return_logits=False, return_raw_logits=True)
+        return estimator, logits.to(X_context.device)
 
     def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
         if task.is_classification:
-            # a query row of a class its context lacks has no output (the model never saw that label): it is
-            # left out of the loss, as prediction gives that class no probability
-            logits, target = outputs.reshape(-1, outputs.shape[-1]), y_query.reshape(-1)
-            known = torch.isfinite(logits.gather(1, target[:, None]))[:, 0]
-            if not known.any():  # nothing to learn from this batch: zero, still attached to the weights
-                return logits[torch.isfinite(logits)].sum() * 0
-            return nn.functional.cross_entropy(logits[known], target[known])
+            return known_class_loss(outputs, y_query)
         criterion = self._criterion.to(outputs.device)
         return criterion(outputs.transpose(0, 1), y_query.transpose(0, 1).to(outputs.dtype)).mean()
 
@@ -292,12 +325,12 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
             probs = np.zeros((len(X_query), task.n_classes))
             probs[:, int(classes[0])] = 1.0
             return probs
-        settings = (task, int(config.n_estimators), float(config.softmax_temperature), str(device))
+        settings = (task, config.n_estimators, config.softmax_temperature, str(device))
         # the entry holds the module (through ModelSpecs), so ids in its key cannot be reused while it lives
         estimator = self.context_cache.get(
             module, (X_context, y_context),
             lambda: self.fitted_estimator(module, X_context, y_context, task, config, device), extra=settings)
-        X_query = np.asarray(X_query, dtype=np.float32)
+        X_query = np.asarray(X_query)  # the user's numbers (float64), as the estimator would be handed them
         if not task.is_classification:
             return np.asarray(estimator.predict(X_query), dtype=np.float64)
         probs = np.zeros((len(X_query), task.n_classes))
@@ -310,21 +343,23 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
         """The package's estimator for ``module``, fitted on the context (its members preprocessed, cache built).
 
         Settings are the package's defaults except those tabtune's config names (``n_estimators``,
-        ``softmax_temperature``), ``random_state=0`` (the package's default), the KV cache kept at the
-        computed precision (the package would quantise v3 / v3.5 caches to int8, and then differ from its
-        uncached predictions) and ``ignore_pretraining_limits`` (tabtune caps the context itself:
-        ``max_context_rows``)."""
+        ``softmax_temperature``; null: the package's ``"auto"``), ``random_state=0`` (the package's default),
+        the KV cache kept at the computed precision (the package would quantise v3 / v3.5 caches to int8, and
+        then differ from its uncached predictions) and ``ignore_pretraining_limits`` (the package refuses more
+        than 1,000 rows on a CPU unless told; it computes the same either way)."""
         from tabpfn import TabPFNClassifier, TabPFNRegressor
 
         base = module.get_base_model() if hasattr(module, "get_base_model") else module  # LoRA layers live in it
         spec = model_specs(base, task)
-        kwargs = dict(model_path=spec, n_estimators=int(config.n_estimators), random_state=0, device=device,
+        members = "auto" if config.n_estimators is None else int(config.n_estimators)
+        temperature = "auto" if config.softmax_temperature is None else float(config.softmax_temperature)
+        kwargs = dict(model_path=spec, n_estimators=members, random_state=0, device=device,
                       fit_mode=fit_mode, kv_cache_precision="auto", ignore_pretraining_limits=True)
         if task.is_classification:
-            estimator = TabPFNClassifier(softmax_temperature=float(config.softmax_temperature), **kwargs)
+            estimator = TabPFNClassifier(softmax_temperature=temperature, **kwargs)
         else:
             estimator = TabPFNRegressor(**kwargs)
-        X_context = np.asarray(X_context, dtype=np.float32)
+        X_context = np.asarray(X_context)
         y_context = np.asarray(y_context, dtype=np.int64 if task.is_classification else np.float32)
         return estimator.fit(X_context, y_context)
 

@@ -111,11 +111,13 @@ def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split,
     ctx = adapter.prediction_context(labels, len(train.y), model_config, seed)
     pred = predict_classes(adapter, module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
     y = val.y
+    name, _ = VALIDATION_METRIC[task.kind]
+    if not np.isfinite(pred).all():  # diverged weights: no metric to take (the trainer stops on a NaN)
+        return {name: float("nan"), **({"roc_auc": None} if task.is_classification else {})}
     if target_scale is not None:
         mean, std = target_scale
         y, pred = y * std + mean, pred * std + mean
     metrics = compute_metrics(task.kind, y, pred)
-    name, _ = VALIDATION_METRIC[task.kind]
     return {name: metrics[name], **({"roc_auc": metrics["roc_auc"]} if task.is_classification else {})}
 
 
@@ -144,10 +146,15 @@ def validation_setup(task: Task, val_split: Split, strategy: StrategyConfig, mod
         keep = context_rows(val_split.y if task.is_classification else None, len(val_split.y),
                             strategy.val_max_rows, seed)
         val_split = Split(val_split.X[keep], val_split.y[keep])
-    members = getattr(model_config, "n_estimators", None)
-    if strategy.val_n_estimators is not None and members is not None and members > strategy.val_n_estimators:
-        model_config = dataclasses.replace(model_config, n_estimators=strategy.val_n_estimators)
-    return val_split, model_config
+    return val_split, capped_members(model_config, strategy.val_n_estimators)
+
+
+def capped_members(model_config: ModelConfig, cap: int | None) -> ModelConfig:
+    """``model_config`` with at most ``cap`` ensemble members (a model's own default, null, counts as more)."""
+    members = model_config.n_estimators
+    if cap is not None and (members is None or members > cap):
+        return dataclasses.replace(model_config, n_estimators=cap)
+    return model_config
 
 
 def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Split, val_split: Split,
@@ -170,11 +177,10 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
         raise TabTuneError("nothing to train: the model has no trainable parameters")
     optimizer = _optimizer(module, params, strategy, lr_ratio)
     n_rows = len(train_split.y)
-    query_size = min(strategy.query_size, max(1, n_rows // 2))
     labels = train_split.y if task.is_classification else None
 
     def sample(generator: np.random.Generator) -> list:
-        return epoch_episodes(labels, n_rows, strategy.context_size, query_size, generator,
+        return epoch_episodes(labels, n_rows, strategy.context_size, strategy.query_size, generator,
                               n_features=train_split.X.shape[1], n_classes=task.n_classes or None,
                               max_classes=adapter.max_classes)
 
@@ -235,6 +241,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     y_all = torch.as_tensor(train_split.y, device=device)
     metric_name, _ = VALIDATION_METRIC[task.kind]
     val_split, val_config = validation_setup(task, val_split, strategy, model_config, seed)
+    train_config = capped_members(model_config, strategy.train_n_estimators)
     val_seconds = 0.0
 
     def validation() -> dict:
@@ -296,7 +303,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 # dropout's masks follow the episodes, not the process that feeds them (see distributed)
                 torch.manual_seed(distributed.micro_batch_seed(seed, epoch, b * ranks + rank))
                 with autocast():
-                    out = adapter.episode_logits(module, Xc, yc, Xq, episode_task, model_config)
+                    out = adapter.episode_logits(module, Xc, yc, Xq, episode_task, train_config)
                     loss = adapter.episode_loss(out.float(), yq, episode_task)
                 diverged = not bool(torch.isfinite(loss))
                 if ranks > 1:  # all ranks stop together, or the others would wait for it forever
@@ -330,6 +337,12 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 break
             scores = validation()
             val = scores[metric_name]
+            if not math.isfinite(val):  # a loss can stay finite while the weights it left predict NaN
+                stopped = (f"training diverged at epoch {epoch}, step {step} (its validation predictions are not "
+                           f"finite): stopped there, keeping the best weights so far (epoch {best_epoch}); lower "
+                           f"strategy.learning_rate (now {strategy.learning_rate})")
+                log.warning(stopped)
+                break
             record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in scores.items()}})
             progress.update(bar, status=f"epoch {epoch} val {metric_name} {val:.4f}")
             ranks_as_well = not guard_auc or (scores["roc_auc"] or 0.0) >= start["roc_auc"]

@@ -2,9 +2,9 @@
 
 The reference outputs come from ``tests/parity/ref_orion_msp.py`` run in the parity environment; the
 ``Orion-MSP-v1.0.ckpt`` files it wrote in the official layout load here through ``model.checkpoint=``.
-The adapter builds modules with ``isolate_queries`` on (queries do not see each other in the
-Perceiver read); the reference lets them, so the comparison switches it off, and prints how far the
-isolated outputs are from the reference's for information.
+The adapter builds modules with ``isolate_queries`` off, the reference's computation (queries see each
+other in the Perceiver read), and the comparison prints how far the isolated outputs (the option) are
+from the reference's, for information.
 """
 
 import os
@@ -41,7 +41,7 @@ def test_orion_msp_equals_the_reference(io):
     n_classes = len(data["y_train"][0].unique())
     module, _ = OrionMSPAdapter().build(ModelConfig(name="orionmsp", checkpoint=str(io.parent / "Orion-MSP-v1.0.ckpt")),
                                         Task("classification", n_classes))
-    assert module.isolate_queries
+    assert not module.isolate_queries  # the default is the reference's computation
     report = []
     for mode in ("eval", "eval_proba", "train"):
         if mode not in data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ...config import ModelConfig
 from ..base import ModelSpec
@@ -15,6 +16,7 @@ CHECKPOINTS = {"classification": "Orion-BiX-v1.1.ckpt"}
 class OrionBixConfig(ModelConfig):
     name: str = "orionbix"
     n_estimators: int = 32  # the reference wrapper's default
+    max_context_rows: Optional[int] = None  # every training row, as the reference wrapper
 
 
 class OrionBixSpec(ModelSpec):
@@ -24,7 +26,7 @@ class OrionBixSpec(ModelSpec):
     tasks = ("classification",)
     max_classes = 10
     native_many_classes = True  # the eval forward builds the reference's class hierarchy itself
-    limits = "10 classes a head (more: OrionBix's own hierarchy); context <= max_context_rows"
+    limits = "10 classes a head (more: OrionBix's own hierarchy); every training row as context (cap: max_context_rows)"
     repo_id = REPO_ID
     checkpoints = CHECKPOINTS
     sizes = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ...config import ModelConfig
 from ..base import ModelSpec
@@ -17,9 +18,11 @@ class OrionMSPConfig(ModelConfig):
 
     name: str = "orionmsp"
     n_estimators: int = 32  # the reference wrapper's default
-    # false: the reference's computation, where the Perceiver memory's read layers let every row attend to
-    # every query row, so a query's prediction depends on which other queries share its batch
-    isolate_queries: bool = True
+    max_context_rows: Optional[int] = None  # every training row, as the reference wrapper
+    # false (the reference's computation, the one the released weights were trained with): the Perceiver
+    # memory's read layers let every row attend to every query row, so a query's prediction depends on which
+    # other queries share its batch; true keeps query rows apart (models/orion_msp.py says what it costs)
+    isolate_queries: bool = False
 
 
 class OrionMSPSpec(ModelSpec):
@@ -29,7 +32,7 @@ class OrionMSPSpec(ModelSpec):
     tasks = ("classification",)
     max_classes = 10
     native_many_classes = True  # the module's eval path builds the reference's class hierarchy
-    limits = "10 classes a head (more: OrionMSP's own hierarchy); context <= max_context_rows"
+    limits = "10 classes a head (more: OrionMSP's own hierarchy); every training row as context (cap: max_context_rows)"
     repo_id = REPO_ID
     checkpoints = CHECKPOINTS
     sizes = {

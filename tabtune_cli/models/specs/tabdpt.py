@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from ...config import ModelConfig
+from ...errors import TabTuneError
 from ..base import ModelSpec
 
 REPO_ID = "Layer6/TabDPT"
 CHECKPOINT = "tabdpt1_3.safetensors"  # tabdpt.estimator._MODEL_NAME
 
 
+REDUCTIONS = ("subsample", "subsample-balanced", "retrieval")
+
+
+@dataclass
+class TabDPTConfig(ModelConfig):
+    """TabDPT's keys, at ``TabDPTClassifier().predict_proba``'s defaults: one pass over the table as given
+    (no ensemble), temperature 1, every training row as context; past ``max_context_rows`` (when set) the
+    context is reduced the package's default way, ``subsample``, or by ``retrieval`` of each query's
+    nearest rows."""
+
+    name: str = "tabdpt"
+    n_estimators: Optional[int] = 1
+    max_context_rows: Optional[int] = None
+    softmax_temperature: Optional[float] = 1.0
+    context_reduction: str = "subsample"
+
+    def __post_init__(self):
+        if self.context_reduction not in REDUCTIONS:
+            raise TabTuneError(f"model.context_reduction: {self.context_reduction!r} is not one of: "
+                               f"{', '.join(REDUCTIONS)}")
+
+
 class TabDPTSpec(ModelSpec):
     name = "tabdpt"
     title = "TabDPT"
+    config_class = TabDPTConfig
+    raw_numbers = ("classification", "regression")  # the estimator imputes and scales the numbers itself
     tasks = ("classification", "regression")
     max_classes = 10  # the random sizes' head; a checkpoint's own max_num_classes replaces it (from_architecture)
     limits = ("the checkpoint's max_num_classes a head (10 in random sizes; more: class hierarchy); features <= "
-              "the checkpoint's max_num_features; past max_context_rows each query retrieves its nearest rows")
+              "the checkpoint's max_num_features; every training row as context (past max_context_rows: "
+              "model.context_reduction)")
     repo_id = REPO_ID
     checkpoints = {"classification": CHECKPOINT, "regression": CHECKPOINT}
     sizes = {

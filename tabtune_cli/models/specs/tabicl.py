@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+from ...config import ModelConfig
 from ..base import ModelSpec
 
 REPO_ID = "jingang/TabICL"
@@ -9,13 +13,25 @@ CHECKPOINTS = {"classification": "tabicl-classifier-v2-20260212.ckpt",
                "regression": "tabicl-regressor-v2-20260212.ckpt"}
 
 
+@dataclass
+class TabICLConfig(ModelConfig):
+    """TabICL's keys, at ``TabICLClassifier()``'s defaults: 8 members, every training row as context."""
+
+    name: str = "tabicl"
+    n_estimators: Optional[int] = 8
+    max_context_rows: Optional[int] = None
+    softmax_temperature: Optional[float] = 0.9
+
+
 class TabICLSpec(ModelSpec):
     name = "tabicl"
     title = "TabICL"
+    config_class = TabICLConfig
+    raw_numbers = ("classification", "regression")  # the estimator imputes, scales and power-transforms each member
     tasks = ("classification", "regression")
     max_classes = 10
     native_many_classes = True  # TabICL's eval path builds its own class hierarchy
-    limits = "10 classes a head (more: TabICL's own hierarchy); context <= max_context_rows"
+    limits = "10 classes a head (more: TabICL's own hierarchy); every training row as context (cap: max_context_rows)"
     repo_id = REPO_ID
     checkpoints = CHECKPOINTS
     sizes = {

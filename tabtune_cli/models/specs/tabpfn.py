@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ...config import ModelConfig
 from ...errors import TabTuneError
@@ -17,19 +18,26 @@ ESTIMATOR = {"classification": "classifier", "regression": "regressor"}
 
 @dataclass
 class TabPFNConfig(ModelConfig):
-    """TabPFN's keys: the shared ones plus the architecture version."""
+    """TabPFN's keys: the shared ones plus the architecture version, at ``TabPFNClassifier()``'s defaults:
+    members and temperature from the checkpoint's inference config ("auto": null), every training row."""
 
     name: str = "tabpfn"
     version: str = "v2"
+    n_estimators: Optional[int] = None
+    max_context_rows: Optional[int] = None
+    softmax_temperature: Optional[float] = None
 
 
 class TabPFNSpec(ModelSpec):
     name = "tabpfn"
     title = "TabPFN"
     config_class = TabPFNConfig
+    # the estimator's members transform the numbers themselves (quantile, power, SVD, ...); regression training
+    # does not follow its members' target transforms yet, so a regression table keeps tabtune's standardisation
+    raw_numbers = ("classification",)
     tasks = ("classification", "regression")
     max_classes = 10
-    limits = "10 classes a head (more: class hierarchy); context <= max_context_rows"
+    limits = "10 classes a head (more: class hierarchy); every training row as context (cap: max_context_rows)"
     repo_id = "Prior-Labs/TabPFN-v2-clf"
     # the package's default v2 files (tabpfn.model_loading.ModelSource)
     checkpoints = {"classification": "tabpfn-v2-classifier-finetuned-zk73skhh.ckpt",

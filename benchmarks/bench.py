@@ -26,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 # in the order results.md shows them
-TOPICS = ["startup", "inference_tabicl", "inference_tabpfn", "inference_tabdpt", "inference_nano",
+TOPICS = ["startup", "inference_tabicl", "inference_tabpfn", "inference_tabdpt", "context_memory", "inference_nano",
           "finetune_nano", "peft_memory", "flights", "precision", "distributed"]
 
 

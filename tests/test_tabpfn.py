@@ -155,13 +155,14 @@ def test_regression_checkpoint_predicts_the_bar_distribution_mean_and_trains_on_
     torch.testing.assert_close(module.regression_borders, criterion.borders, rtol=0, atol=0)
     Xc, yc, Xq = episode(regression=True)
     expected = criterion.mean(package_outputs(package_model, Xc, yc, Xq))
-    torch.testing.assert_close(criterion.mean(adapter.episode_logits(module, Xc, yc, Xq, task)[0]), expected)
+    torch.testing.assert_close(criterion.mean(adapter._forward(module, Xc, yc, Xq)[0]), expected)
     # prediction: the package's regressor on the same file (its target and feature transforms included)
     config = TabPFNConfig(checkpoint=str(path), n_estimators=1)
     pred = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), task, config, torch.device("cpu"))
     theirs = package_estimator(path, True, n_estimators=1).fit(Xc[0].numpy(), yc[0].numpy())
     np.testing.assert_allclose(pred, theirs.predict(Xq[0].numpy()), rtol=1e-4, atol=1e-4)
-    # training: the native loss is the bar distribution's negative log density, and a step lowers it
+    # training: the estimator's bar distribution's negative log density (through its members:
+    # test_the_regression_training_forward_is_the_estimators_distribution), and a step lowers it
     module.train()
     yq = torch.randn(1, 12, generator=torch.Generator().manual_seed(3))
     optimiser = torch.optim.SGD(module.parameters(), lr=1e-2)
@@ -172,8 +173,6 @@ def test_regression_checkpoint_predicts_the_bar_distribution_mean_and_trains_on_
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
-    nll = criterion(package_outputs(package_model, Xc, yc, Xq)[:, None], yq.transpose(0, 1)).mean()
-    assert losses[0] == pytest.approx(nll.item(), rel=1e-4)
     assert losses[-1] < losses[0]
 
 
@@ -518,3 +517,29 @@ def test_a_class_the_episode_context_lacks_trains_against_the_right_columns():
     torch.testing.assert_close(loss, expected)
     only_absent = adapter.episode_loss(logits[None], torch.ones(1, 9, dtype=torch.long), task)
     assert only_absent.item() == 0.0
+
+
+@pytest.mark.parametrize("n_estimators", [1, 3])
+def test_the_regression_training_forward_is_the_estimators_distribution(tmp_path, n_estimators):
+    """A regression episode goes through the estimator's members (their feature and target transforms): in eval
+    mode the training outputs' mean is ``predict``'s answer, and in training the loss reaches the weights."""
+    path = tmp_path / "tabpfn-v2-regressor.ckpt"
+    released_v2_checkpoint(path, regression=True)
+    adapter, task = get_adapter("tabpfn"), Task("regression")
+    module, _ = adapter.build(TabPFNConfig(checkpoint=str(path)), task)
+    Xc, yc, Xq, yq = recipe_episode(regression=True)
+    yc = yc * 40.0 + 300.0  # a target on its own scale: the estimator standardises it itself
+    config = TabPFNConfig(checkpoint=str(path), n_estimators=n_estimators)
+    module.eval()
+    with torch.no_grad():
+        log_probs = adapter.episode_logits(module, *(torch.as_tensor(a)[None] for a in (Xc, yc, Xq)), task, config)
+    criterion, mean, std = adapter._episode_targets[0]
+    values = criterion.mean(log_probs[0]).numpy() * std + mean
+    np.testing.assert_allclose(values, adapter.predict(module, Xc, yc, Xq, task, config, torch.device("cpu")),
+                               rtol=0, atol=1e-4 * 40.0)
+    module.train()
+    out = adapter.episode_logits(module, *(torch.as_tensor(a)[None] for a in (Xc, yc, Xq)), task, config)
+    loss = adapter.episode_loss(out, torch.as_tensor(yq * 40.0 + 300.0)[None], task)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0
+                                        for n, p in module.named_parameters() if n.startswith("output_projection"))

@@ -36,20 +36,21 @@ SVD features, the fingerprint feature, outlier clipping, categorical encodings),
 target transforms, temperature and averaging, with the checkpoint's inference config (v2 / v2.5 files carry
 none: the package's default for the version, as its loader guesses). With the same checkpoint file,
 ``n_estimators``, ``softmax_temperature`` and ``random_state=0`` it equals the estimator within float rounding
-(about 1e-7; tests hold 1e-4). The boundary: for classification the estimator is handed the user's numbers
+(about 1e-7; tests hold 1e-4). The boundary: the estimator is handed the user's numbers
 (``raw_numbers``: float64, gaps as NaN), as a user would hand it the table; tabtune's shared preprocessor
 encodes only categoricals (as codes), dates and text, and the package's modality detection runs on that
 matrix as on any numeric array. With no setting the estimator runs at its own defaults (``"auto"`` members
 and temperature from the inference config, ``random_state=0``, every training row as context), so the same
 raw table gives ``TabPFNClassifier()``'s probabilities (``tests/test_package_defaults.py``).
 
-Training sees what prediction sees (classification). ``episode_logits`` fits the same estimator on each
-episode's context (``fit_mode="fit_preprocessors"``) and runs its own forward over the query rows with
-torch's inference mode off (``member_logits``; ``strategy.train_n_estimators`` members), averaging the
-members' logits; in eval mode one member equals the prediction path
-(``tests/test_adapters.py::test_the_training_forward_is_the_prediction_forward``). Regression does not follow
-the members' target transforms yet: its episodes keep the raw forward on tabtune's standardised columns,
-and a regression table keeps tabtune's standardisation for prediction too.
+Training sees what prediction sees. ``episode_logits`` fits the same estimator on each episode's context
+(``fit_mode="fit_preprocessors"``, ``strategy.train_n_estimators`` members) and runs its own forward over the
+query rows with torch's inference mode off: for classification the members' logits, averaged
+(``member_logits``); for regression the members' probabilities carried onto the estimator's
+standardised-target buckets and averaged, as ``predict`` does before its mean (``member_distribution``),
+scored against the episode's targets in that estimator's units. In eval mode that is the prediction path
+(``tests/test_adapters.py::test_the_training_forward_is_the_prediction_forward``,
+``tests/test_tabpfn.py::test_the_regression_training_forward_is_the_estimators_distribution``).
 
 The context is encoded once. The estimator fits with ``fit_mode="fit_with_cache"`` (members preprocessed,
 the context's keys/values computed) and is kept in the adapter's ``ContextCache``, keyed by the context,
@@ -261,19 +262,24 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
 
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
-        """Classification: each episode as ``predict`` sees it, through the estimator's own members
-        (``member_logits``), their logits averaged; a class the episode's context lacks gets -inf. Regression:
-        the raw forward on tabtune's standardised columns (the members' feature and target transforms are not
-        followed yet: ``raw_numbers``)."""
-        if not task.is_classification:
-            self._criterion = bar_distribution(module)
-            return self._forward(module, X_context, y_context, X_query)
+        """Each episode as ``predict`` sees it, through the estimator's own members (``strategy.train_n_estimators``
+        of them). Classification: the members' logits averaged (``member_logits``); a class the episode's
+        context lacks gets -inf. Regression: the log of the members' probabilities averaged on the estimator's
+        standardised-target buckets (``member_distribution``), prediction's own distribution."""
         config = config if config is not None else TabPFNConfig()
-        outputs = []
+        outputs, self._episode_targets = [], []
         for Xc, yc, Xq in zip(X_context, y_context, X_query):
-            if len(torch.unique(yc)) < 2:  # the estimator wants two classes: the raw forward answers
-                outputs.append(context_classes_to_task(self._forward(module, Xc[None], yc[None], Xq[None]),
-                                                       yc[None], task.n_classes)[0])
+            if len(torch.unique(yc)) < 2:  # the estimator wants two classes (or target values): the raw forward
+                out = self._forward(module, Xc[None], yc[None], Xq[None])
+                outputs.append(context_classes_to_task(out, yc[None], task.n_classes)[0] if task.is_classification
+                               else out[0])
+                self._episode_targets.append((bar_distribution(module), 0.0, 1.0))
+                continue
+            if not task.is_classification:
+                estimator, log_probs = self.member_distribution(module, Xc, yc, Xq, config)
+                outputs.append(log_probs)
+                self._episode_targets.append((estimator.znorm_space_bardist_, estimator.y_train_mean_,
+                                              estimator.y_train_std_))
                 continue
             estimator, members = self.member_logits(module, Xc, yc, Xq, task, config)
             present = torch.as_tensor(np.asarray(estimator.classes_, dtype=np.int64), device=members.device)
@@ -281,28 +287,48 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
             outputs.append(logits.index_copy(-1, present, members.mean(0)))
         return torch.stack(outputs)
 
-    def member_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
-                      config: ModelConfig):
-        """``(estimator, logits)``: the package's classifier fitted on one episode's context
-        (``fit_mode="fit_preprocessors"``: each member's quantile/power transforms, SVD and fingerprint
-        features, outlier clipping and shuffles fitted on the context, as ``predict`` fits them), and the
-        module's raw logits for the query rows from every member, (E, n_query, classes present), with
-        gradients: the estimator's own forward (``return_raw_logits``, class permutations undone) runs with
-        torch's inference mode off, the switch the package's fine-tuner turns the same way."""
+    def _fitted_with_gradients(self, module, X_context: Tensor, y_context: Tensor, task: Task, config: ModelConfig):
+        """The package's estimator fitted on one episode's context (``fit_mode="fit_preprocessors"``: each member's
+        quantile/power transforms, SVD and fingerprint features, outlier clipping, shuffles and target transforms
+        fitted on the context, as ``predict`` fits them), its forward set to run with torch's inference mode
+        off, the switch the package's fine-tuner turns the same way, so gradients reach the module."""
         training = module.training
-        estimator = self.fitted_estimator(module, X_context.detach().cpu().numpy(), y_context.cpu().numpy(), task,
-                                          config, X_context.device, fit_mode="fit_preprocessors")
+        estimator = self.fitted_estimator(module, X_context.detach().cpu().numpy(), y_context.detach().cpu().numpy(),
+                                          task, config, X_context.device, fit_mode="fit_preprocessors")
         module.train(training)  # the estimator puts the model it holds in eval mode
         executor = estimator.executor_
         executor.use_torch_inference_mode = lambda use_inference: setattr(executor, "inference_mode", False)
+        return estimator
+
+    def member_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
+                      config: ModelConfig):
+        """``(estimator, logits)``: the module's raw logits for the query rows from every member of the estimator
+        fitted on the context, (E, n_query, classes present), class permutations undone, with gradients."""
+        estimator = self._fitted_with_gradients(module, X_context, y_context, task, config)
         logits = estimator._raw_predict(X_query.detach().cpu().numpy(), return_logits=False, return_raw_logits=True)
         return estimator, logits.to(X_context.device)
+
+    def member_distribution(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor,
+                            config: ModelConfig):
+        """``(estimator, log_probs)``: the regressor fitted on the context, and the log of its members'
+        probabilities averaged on its standardised-target buckets for the query rows, (n_query, buckets), with
+        gradients: each member's output is carried across from its own target transform's borders, as
+        ``predict`` does before taking the mean (the estimator's ``znorm_space_bardist_``)."""
+        from tabpfn.validation import ensure_compatible_predict_input_sklearn
+
+        estimator = self._fitted_with_gradients(module, X_context, y_context, Task("regression"), config)
+        X = X_query.detach().cpu().numpy()
+        X = estimator.text_transformer_.transform(estimator.date_transformer_.transform(X))
+        X = ensure_compatible_predict_input_sklearn(X, estimator)  # predict's own steps before its forward
+        return estimator, estimator._compute_aggregated_logits(X).to(X_context.device)
 
     def episode_loss(self, outputs: Tensor, y_query: Tensor, task: Task) -> Tensor:
         if task.is_classification:
             return known_class_loss(outputs, y_query)
-        criterion = self._criterion.to(outputs.device)
-        return criterion(outputs.transpose(0, 1), y_query.transpose(0, 1).to(outputs.dtype)).mean()
+        # each episode's target in its estimator's standardised units, scored by that estimator's distribution
+        losses = [criterion.to(out.device)(out[:, None], ((y - mean) / std)[:, None].to(out.dtype)).mean()
+                  for out, y, (criterion, mean, std) in zip(outputs, y_query, self._episode_targets)]
+        return torch.stack(losses).mean()
 
     def __init__(self):
         # the fitted estimator of the last context: its members' preprocessing and KV cache (at the default

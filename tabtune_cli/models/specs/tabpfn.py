@@ -32,9 +32,7 @@ class TabPFNSpec(ModelSpec):
     name = "tabpfn"
     title = "TabPFN"
     config_class = TabPFNConfig
-    # the estimator's members transform the numbers themselves (quantile, power, SVD, ...); regression training
-    # does not follow its members' target transforms yet, so a regression table keeps tabtune's standardisation
-    raw_numbers = ("classification",)
+    raw_numbers = ("classification", "regression")  # each member transforms the numbers itself (quantile, power, SVD)
     tasks = ("classification", "regression")
     max_classes = 10
     limits = "10 classes a head (more: class hierarchy); every training row as context (cap: max_context_rows)"

@@ -97,8 +97,8 @@ class StrategyConfig:
     val_max_rows: Optional[int] = 512
     val_n_estimators: Optional[int] = 4
     # ensemble members a training episode goes through, for a model whose prediction preprocesses each member
-    # (TabICL: its estimator's normalisations, shuffles and class shifts; the members' logits are averaged as
-    # prediction averages them); null: the model's n_estimators
+    # (TabICL, TabPFN: their estimators' own members, as prediction fits them on the context); null: the
+    # model's n_estimators
     train_n_estimators: Optional[int] = 2
     show_progress: bool = True
     # recompute each repeated block's activations in the backward pass instead of keeping them (less

@@ -100,7 +100,7 @@ def _json_value(v):
 
 
 class Preprocessor:
-    """Fit on the training features, then map any table with the same columns to float32 arrays."""
+    """Fit on the training features, then map any table with the same columns to float arrays."""
 
     def __init__(self, state: dict | None = None, one_hot_max_levels: int = 0, text_columns: list | None = None,
                  text_features: int = 8, raw_numbers: bool = False):

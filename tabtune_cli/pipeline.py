@@ -177,8 +177,7 @@ class TabularPipeline:
         started = time.perf_counter()
         torch.manual_seed(self.seed)
 
-        self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features,
-                                                  task_kind=kind).fit(X, y)
+        self.preprocessor_ = adapter.preprocessor(model_config, self.text_columns, self.text_features).fit(X, y)
         X_train = self.preprocessor_.transform(X)
         if kind == "classification":
             self.label_encoder_ = LabelEncoder().fit(y)

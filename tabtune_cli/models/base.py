@@ -56,9 +56,9 @@ class ModelSpec:
     repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
     checkpoints: ClassVar[dict[str, str]] = {}  # task kind -> official checkpoint file name
     default_lora_prefixes: ClassVar[tuple[str, ...]] = ()  # module-name prefixes LoRA reaches by default
-    # the tasks for which the model's package preprocesses numbers itself (imputation, scaling, transforms per
-    # member) and training follows it: numeric columns then reach it as the user gave them (``data.preprocess``)
-    raw_numbers: ClassVar[tuple[str, ...]] = ()
+    # True where the model's package preprocesses numbers itself (imputation, scaling, transforms per member)
+    # and training follows it: numeric columns then reach it as the user gave them (``data.preprocess``)
+    raw_numbers: ClassVar[bool] = False
 
     def checkpoint_file(self, config: ModelConfig, task: Task, fetch: bool = True) -> Path | None:
         """The local checkpoint ``build`` will load (None for random weights); errors before any run starts.
@@ -134,16 +134,15 @@ class ModelAdapter(ModelSpec):
         raise NotImplementedError
 
     # -- tables ------------------------------------------------------------------------------
-    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8,
-                     task_kind: str = "classification"):
+    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8):
         """A fresh preprocessor for this model's tables (default: the shared one); ``fit(X, y)`` then ``transform``.
 
         ``text_columns`` (None: detected) and ``text_features`` say how free-text columns are read; numbers pass
-        as given where the model's package reads them itself for ``task_kind`` (``raw_numbers``)."""
+        as given where the model's package reads them itself (``raw_numbers``)."""
         from ..data.preprocess import Preprocessor
 
         return Preprocessor(one_hot_max_levels=self.one_hot_max_levels(config), text_columns=text_columns,
-                            text_features=text_features, raw_numbers=task_kind in self.raw_numbers)
+                            text_features=text_features, raw_numbers=self.raw_numbers)
 
     def preprocessor_from_json(self, state: dict, config: ModelConfig):
         """The fitted preprocessor a saved pipeline wrote with ``to_json``."""
@@ -353,6 +352,15 @@ def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndar
                                 X_query, Task(task.kind, len(members)), config, device)
         probs[:, members] = top[:, i:i + 1] * inner
     return probs
+
+
+def to_task_classes(logits: Tensor, classes, n_classes: int) -> Tensor:
+    """Logits (..., len(classes)) over the classes an estimator saw in the context (``classes``, ascending task
+    ids) as (..., n_classes) in the task's numbering; a class the context lacks gets -inf (no probability)."""
+    import torch
+
+    present = torch.as_tensor(np.asarray(classes, dtype=np.int64), device=logits.device)
+    return logits.new_full((*logits.shape[:-1], n_classes), float("-inf")).index_copy(-1, present, logits)
 
 
 def known_class_loss(logits: Tensor, target: Tensor) -> Tensor:

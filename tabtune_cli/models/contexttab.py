@@ -551,8 +551,7 @@ class ContextTabAdapter(ContextTabSpec, ModelAdapter):
         self._text = None  # (vocabulary size, (V, 384) embeddings) of the table's strings
 
     # -- tables ----------------------------------------------------------------------------------
-    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8,
-                     task_kind: str = "classification"):
+    def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8):
         """This model's own preprocessor: every string column is text (``text_features`` is for the others)."""
         self.table, self.encoder_config = ContextTabTable(text_columns=text_columns), config
         return self.table

@@ -67,7 +67,7 @@ from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
 from ..tuning import lora
-from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights
+from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights, to_task_classes
 from .specs.tabicl import CHECKPOINTS, TabICLConfig, TabICLSpec
 
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -232,9 +232,7 @@ class TabICLAdapter(TabICLSpec, ModelAdapter):
         for Xc, yc, Xq in zip(X_context, y_context, X_query):
             estimator, members = member_outputs(module, Xc, yc, Xq, task, config)
             if task.is_classification:
-                present = torch.as_tensor(estimator.classes_.astype(np.int64), device=members.device)
-                logits = members.new_full((*members.shape[1:-1], task.n_classes), float("-inf"))
-                outputs.append(logits.index_copy(-1, present, members.mean(0)))
+                outputs.append(to_task_classes(members.mean(0), estimator.classes_, task.n_classes))
             else:
                 scale = estimator.y_scaler_
                 outputs.append(members.mean(0) * float(scale.scale_[0]) + float(scale.mean_[0]))
@@ -305,7 +303,7 @@ def member_outputs(module: nn.Module, X_context: Tensor, y_context: Tensor, X_qu
     normalisation, outlier clipping, Latin-square feature shuffles, cyclic class shifts), fitted on the
     context exactly as ``predict`` fits them; each member's class columns are put back in the context's class
     order (the estimator's ``classes_``), as its ``predict_proba`` does. In eval mode the outputs are the
-    ones ``predict`` averages (``tests/test_training_forward.py``); in train mode tabicl's training forward
+    ones ``predict`` averages (``tests/test_adapters.py::test_the_training_forward_is_the_prediction_forward``); in train mode tabicl's training forward
     runs on the same inputs."""
     device = X_context.device
     estimator = own_estimator(module, task, config, device, kv_cache=False)

@@ -106,7 +106,7 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights
+from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights, to_task_classes
 from .specs.tabpfn import ESTIMATOR, VERSIONS, TabPFNConfig, TabPFNSpec
 
 # versions whose checkpoints keep the regression borders beside the model, as criterion.borders
@@ -282,9 +282,7 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
                                               estimator.y_train_std_))
                 continue
             estimator, members = self.member_logits(module, Xc, yc, Xq, task, config)
-            present = torch.as_tensor(np.asarray(estimator.classes_, dtype=np.int64), device=members.device)
-            logits = members.new_full((members.shape[1], task.n_classes), float("-inf"))
-            outputs.append(logits.index_copy(-1, present, members.mean(0)))
+            outputs.append(to_task_classes(members.mean(0), estimator.classes_, task.n_classes))
         return torch.stack(outputs)
 
     def _fitted_with_gradients(self, module, X_context: Tensor, y_context: Tensor, task: Task, config: ModelConfig):

@@ -39,7 +39,7 @@ class TabDPTSpec(ModelSpec):
     name = "tabdpt"
     title = "TabDPT"
     config_class = TabDPTConfig
-    raw_numbers = ("classification", "regression")  # the estimator imputes and scales the numbers itself
+    raw_numbers = True  # the estimator imputes and scales the numbers itself
     tasks = ("classification", "regression")
     max_classes = 10  # the random sizes' head; a checkpoint's own max_num_classes replaces it (from_architecture)
     limits = ("the checkpoint's max_num_classes a head (10 in random sizes; more: class hierarchy); features <= "

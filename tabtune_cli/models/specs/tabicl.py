@@ -27,7 +27,7 @@ class TabICLSpec(ModelSpec):
     name = "tabicl"
     title = "TabICL"
     config_class = TabICLConfig
-    raw_numbers = ("classification", "regression")  # the estimator imputes, scales and power-transforms each member
+    raw_numbers = True  # the estimator imputes, scales and power-transforms each member
     tasks = ("classification", "regression")
     max_classes = 10
     native_many_classes = True  # TabICL's eval path builds its own class hierarchy

@@ -32,7 +32,7 @@ class TabPFNSpec(ModelSpec):
     name = "tabpfn"
     title = "TabPFN"
     config_class = TabPFNConfig
-    raw_numbers = ("classification", "regression")  # each member transforms the numbers itself (quantile, power, SVD)
+    raw_numbers = True  # each member transforms the numbers itself (quantile, power, SVD)
     tasks = ("classification", "regression")
     max_classes = 10
     limits = "10 classes a head (more: class hierarchy); every training row as context (cap: max_context_rows)"

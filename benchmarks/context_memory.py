@@ -6,7 +6,8 @@ random-weight checkpoint of the default size written in the official format. Eac
 fresh process (peak RSS only grows), one after the other, on the CPU: fit on the context, then predict
 ``N_QUERY`` rows; peak RSS of the process and wall time of fit + predict. The largest difference between the
 two sides' probabilities says that they computed the same thing. ``CONTEXT_ROWS=10000`` (comma-separated)
-measures other sizes than 10k and 50k (50k on a 2-core CPU takes hours: a GPU machine's work).
+measures other sizes than 10k and 50k (50k on a 2-core CPU takes hours: a GPU machine's work);
+``CONTEXT_MODELS=tabicl`` one model only.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     rows, data = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for model in ("tabicl", "tabpfn"):
+        for model in os.environ.get("CONTEXT_MODELS", "tabicl,tabpfn").split(","):
             (tmp / model).mkdir()
             path = str(_checkpoint(model, tmp / model))
             for n_rows in sizes:

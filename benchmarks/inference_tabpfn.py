@@ -2,7 +2,7 @@
 
 (a) fit + predict of 1k context rows and 1k queries: seconds both sides, their ratio, the largest
     difference in probabilities and how often the argmax agrees (and the regressor's largest difference);
-(b) one fit, then 10 predicts of 10 rows: tabtune (its context cache) against the estimator's
+(b) one fit, then 10 predicts of 10 rows: tabtune (its context cache, ``model.kv_cache=true``) against the estimator's
     ``fit_mode="fit_with_cache"``, tabtune with its cache off, and tabtune's adapter as it was before
     issue #15 (raw forward per ensemble member, no cache).
 
@@ -69,12 +69,12 @@ def _timed(fn):
     return time.perf_counter() - started, out
 
 
-def _pipeline(path: Path, n_estimators: int, task_type: str):
+def _pipeline(path: Path, n_estimators: int, task_type: str, kv_cache: bool = False):
     from tabtune_cli import TabularPipeline
 
     return TabularPipeline(model_name="tabpfn", task_type=task_type, tuning_strategy="inference",
                            tuning_params={"show_progress": False}, device="cpu", seed=0,
-                           model_params={"checkpoint": str(path), "n_estimators": n_estimators})
+                           model_params={"checkpoint": str(path), "n_estimators": n_estimators, "kv_cache": kv_cache})
 
 
 def _estimator(path: Path, n_estimators: int, regression: bool, fit_mode: str = "fit_preprocessors"):
@@ -156,7 +156,7 @@ def run(out_dir: Path, quick: bool) -> dict:
             hit_ours, hit_theirs = [], []  # each predict after the context is encoded (tabtune: after the first)
 
             def ours_cached():
-                pipe = _pipeline(clf_path, n_estimators, "classification").fit(X_train, y_train)
+                pipe = _pipeline(clf_path, n_estimators, "classification", kv_cache=True).fit(X_train, y_train)
                 out = []
                 for i, b in enumerate(batches):
                     seconds, proba = _timed(lambda: pipe.predict_proba(b))

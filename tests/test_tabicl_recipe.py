@@ -19,6 +19,7 @@ from tabicl._model.tabicl import TabICL
 from tabtune_cli import TabularPipeline
 from tabtune_cli.config import ModelConfig
 from tabtune_cli.models.base import Task
+from tabtune_cli.models.specs.tabicl import TabICLConfig
 from tabtune_cli.models.tabicl import TabICLAdapter
 
 from conftest import SEED, TUNE_PARAMS
@@ -167,7 +168,7 @@ def test_cached_predictions_equal_uncached_ones(kind):
     task = Task(kind, 3 if kind == "classification" else 0)
     adapter, module = tiny_module(task)
     Xc, yc, Xq = arrays(n_classes=3 if task.is_classification else None)
-    config = ModelConfig(n_estimators=4)
+    config = TabICLConfig(n_estimators=4, kv_cache=True)
     first = adapter.predict(module, Xc, yc, Xq, task, config, CPU)
     again = adapter.predict(module, Xc, yc, Xq[:7], task, config, CPU)
     cache = adapter.context_cache
@@ -179,11 +180,26 @@ def test_cached_predictions_equal_uncached_ones(kind):
     np.testing.assert_allclose(again, uncached[:7], atol=1e-5)
 
 
+def test_like_the_package_the_default_keeps_no_key_value_cache():
+    """The package's kv_cache=False unless model.kv_cache=true: the cache costs about 50 KB a context row a
+    member at the default size, 1.8x the package's peak memory at 10,000 rows (bench/results.md)."""
+    task = Task("classification", 3)
+    adapter, module = tiny_module(task)
+    Xc, yc, Xq = arrays()
+    default = adapter.predict(module, Xc, yc, Xq, task, TabICLConfig(n_estimators=2), CPU)
+    (estimator,) = adapter.context_cache.entries.values()
+    assert estimator.kv_cache is False and estimator.model_kv_cache_ is None
+    cached = adapter.predict(module, Xc, yc, Xq, task, TabICLConfig(n_estimators=2, kv_cache=True), CPU)
+    estimator = list(adapter.context_cache.entries.values())[-1]
+    assert estimator.kv_cache is True and len(estimator.model_kv_cache_) > 0
+    np.testing.assert_allclose(cached, default, atol=1e-5)
+
+
 def test_a_weight_change_another_context_or_other_settings_rebuild_the_cache():
     task = Task("classification", 3)
     adapter, module = tiny_module(task)
     Xc, yc, Xq = arrays()
-    config = ModelConfig(n_estimators=2)
+    config = TabICLConfig(n_estimators=2, kv_cache=True)
     cache = adapter.context_cache
 
     def predict(X_context=Xc, y_context=yc, settings=config):
@@ -202,9 +218,9 @@ def test_a_weight_change_another_context_or_other_settings_rebuild_the_cache():
     adapter.cache_context = True
     other = predict(Xc[::-1].copy(), yc[::-1].copy())  # the same rows in another order: another context
     assert (cache.misses, cache.hits) == (3, 1)
-    predict(settings=ModelConfig(n_estimators=3))
+    predict(settings=TabICLConfig(n_estimators=3, kv_cache=True))
     assert (cache.misses, cache.hits) == (4, 1)
-    predict(settings=ModelConfig(n_estimators=3))
+    predict(settings=TabICLConfig(n_estimators=3, kv_cache=True))
     assert (cache.misses, cache.hits) == (4, 2)
     assert other.shape == before.shape
 
@@ -212,8 +228,8 @@ def test_a_weight_change_another_context_or_other_settings_rebuild_the_cache():
 def test_the_pipeline_encodes_its_context_once_and_lora_changes_invalidate_it():
     X, y = numeric_table(200, 3)
     pipe = TabularPipeline(model_name="tabicl", tuning_strategy="peft", tuning_params=dict(TUNE_PARAMS["peft"]),
-                           model_params={"pretrained": False, "size": "tiny", "n_estimators": 2}, device="cpu",
-                           seed=SEED).fit(X.iloc[:160], y.iloc[:160])
+                           model_params={"pretrained": False, "size": "tiny", "n_estimators": 2, "kv_cache": True},
+                           device="cpu", seed=SEED).fit(X.iloc[:160], y.iloc[:160])
     cache = pipe.adapter_.context_cache
     misses = cache.misses
     first = [pipe.predict_proba(X.iloc[160 + i:161 + i]) for i in range(5)]

@@ -405,7 +405,7 @@ def test_the_context_is_encoded_once_and_any_change_rebuilds_it():
     adapter, task = get_adapter("tabpfn"), Task("classification", 4)
     module, _ = noisy_tiny(adapter, task)
     Xc, yc, Xq, _ = recipe_episode()
-    config, cpu = TabPFNConfig(pretrained=False, n_estimators=2), torch.device("cpu")
+    config, cpu = TabPFNConfig(pretrained=False, n_estimators=2, kv_cache=True), torch.device("cpu")
     cache = adapter.context_cache
 
     def predict(X=Xq, y=yc, cfg=config):
@@ -426,7 +426,7 @@ def test_the_context_is_encoded_once_and_any_change_rebuilds_it():
     # another context, other settings, other weights: each rebuilds, and the answers follow
     relabelled = predict(y=(yc + 1) % 4)
     assert cache.misses == 2 and np.abs(relabelled - first).max() > 1e-3
-    predict(cfg=TabPFNConfig(pretrained=False, n_estimators=3))
+    predict(cfg=TabPFNConfig(pretrained=False, n_estimators=3, kv_cache=True))
     assert cache.misses == 3
     with torch.no_grad():
         module.blocks[0].mlp[0].weight.mul_(1.5)  # in place, as an optimizer step changes weights
@@ -434,6 +434,21 @@ def test_the_context_is_encoded_once_and_any_change_rebuilds_it():
     assert cache.misses == 4 and np.abs(moved - first).max() > 1e-4
     np.testing.assert_array_equal(predict(), moved)
     assert cache.misses == 4 and len(cache.entries) <= cache.size
+
+
+def test_like_the_package_the_default_fits_without_a_key_value_cache():
+    """The package's fit_mode="fit_preprocessors" unless model.kv_cache=true ("fit_with_cache")."""
+    adapter, task = get_adapter("tabpfn"), Task("classification", 4)
+    module, _ = noisy_tiny(adapter, task)
+    Xc, yc, Xq, _ = recipe_episode()
+    cpu = torch.device("cpu")
+    modes = {}
+    for kv_cache in (False, True):
+        out = adapter.predict(module, Xc, yc, Xq, task, TabPFNConfig(pretrained=False, n_estimators=2,
+                                                                     kv_cache=kv_cache), cpu)
+        modes[list(adapter.context_cache.entries.values())[-1].fit_mode] = out
+    assert set(modes) == {"fit_preprocessors", "fit_with_cache"}
+    np.testing.assert_allclose(modes["fit_with_cache"], modes["fit_preprocessors"], rtol=0, atol=1e-5)
 
 
 def test_lora_and_fine_tuned_weights_get_the_package_recipe(tmp_path, split):

@@ -41,12 +41,13 @@ its ``softmax_temperature`` and ``model.max_context_rows`` (null: every row) a s
 context a user may choose. Queries go in chunks of ``QUERY_CHUNK`` rows so memory stays flat on big tables
 (query rows never see each other, so chunks change nothing but the last bits).
 
-The context is encoded once. The fitted estimator, with tabicl's key/value cache of the context
-(``kv_cache=True``: column-embedding and ICL keys/values of every member), is kept in the adapter's
-``ContextCache``, keyed on the context arrays and the module's weights, so repeated predictions pay
-only for their own rows, and new weights (a training step, an adapter swap) or another context build
-it again. Above the head's 10 classes tabicl refuses the key/value cache (its many-class path
-re-reads the context); there only the fitted preprocessing is kept.
+The fitted estimator (its members' preprocessing) is kept in the adapter's ``ContextCache``, keyed on
+the context arrays and the module's weights; new weights (a training step, an adapter swap) or another
+context fit it again. Like the package, it keeps no key/value cache by default: at the default size the
+cache holds about 50 KB a context row a member, 1.8x the package's peak memory at 10,000 rows
+(``make bench ONLY=context_memory``). ``model.kv_cache=true`` keeps it (column-embedding and ICL
+keys/values of every member), so repeated predictions pay only for their own rows; above the head's 10
+classes tabicl refuses it (its many-class path re-reads the context).
 """
 
 from __future__ import annotations
@@ -254,8 +255,10 @@ class TabICLAdapter(TabICLSpec, ModelAdapter):
         n_out = task.n_classes if task.is_classification else None
         if len(X_query) == 0:
             return np.zeros((0, n_out) if n_out else (0,), dtype=np.float32)
-        # tabicl keeps no key/value cache past its head's classes (its many-class path re-reads the context)
-        kv_cache = not task.is_classification or len(np.unique(y_context)) <= module.max_classes
+        # the package's default is no key/value cache; tabicl keeps none past its head's classes either way
+        # (its many-class path re-reads the context)
+        kv_cache = getattr(config, "kv_cache", False) and (
+            not task.is_classification or len(np.unique(y_context)) <= module.max_classes)
 
         def fit(kv: bool):
             return own_estimator(module, task, config, device, kv).fit(X_context, y_context)

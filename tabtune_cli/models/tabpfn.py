@@ -52,14 +52,15 @@ scored against the episode's targets in that estimator's units. In eval mode tha
 (``tests/test_adapters.py::test_the_training_forward_is_the_prediction_forward``,
 ``tests/test_tabpfn.py::test_the_regression_training_forward_is_the_estimators_distribution``).
 
-The context is encoded once. The estimator fits with ``fit_mode="fit_with_cache"`` (members preprocessed,
-the context's keys/values computed) and is kept in the adapter's ``ContextCache``, keyed by the context,
-the module's weights (identity and in-place version of every parameter, LoRA included) and the settings,
-so repeated predicts run only the query rows, and any weight change, another context or other settings
-rebuild it. One context is kept (its cache grows with rows x columns x layers x members), so above 10
-classes, where tabtune's class hierarchy predicts from several contexts, each predict fits them again.
-The KV cache keeps the computed precision (the package quantises v3 / v3.5 caches to int8 by
-default, which would move answers away from its uncached mode).
+The fitted estimator (members preprocessed) is kept in the adapter's ``ContextCache``, keyed by the
+context, the module's weights (identity and in-place version of every parameter, LoRA included) and the
+settings; any weight change, another context or other settings fit it again. It fits as the package does
+by default (``fit_mode="fit_preprocessors"``: no key/value cache, so the memory is the package's).
+``model.kv_cache=true`` fits with ``"fit_with_cache"`` instead: the context's keys/values are computed once
+(about 256 bytes per context row, column and layer for each member) and repeated predicts run only the
+query rows. One context is kept, so above 10 classes, where tabtune's class hierarchy predicts from several
+contexts, each predict fits them again. The KV cache keeps the computed precision (the package quantises
+v3 / v3.5 caches to int8 by default, which would move answers away from its uncached mode).
 
 Regression. The model predicts a distribution over ``num_buckets`` bins
 (``FullSupportBarDistribution``): training minimises its negative log density,
@@ -329,8 +330,8 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
         return torch.stack(losses).mean()
 
     def __init__(self):
-        # the fitted estimator of the last context: its members' preprocessing and KV cache (at the default
-        # size about 256 bytes per context row, column and layer for each member, so one is kept)
+        # the fitted estimator of the last context: its members' preprocessing (and, under model.kv_cache,
+        # its KV cache: at the default size about 256 bytes per context row, column and layer for each member)
         self.context_cache = ContextCache(size=1)
 
     @torch.no_grad()
@@ -339,9 +340,9 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
 
         ``TabPFNClassifier`` / ``TabPFNRegressor`` get our module through ``ModelSpecs`` (by reference, so
         fine-tuned or LoRA weights are the ones used) and run their own recipe on tabtune's matrix: per-member
-        preprocessing, feature shifts, class permutations, temperature, averaging, target transforms. They
-        fit with ``fit_mode="fit_with_cache"``, so the context's keys/values are computed once; the fitted
-        estimator is kept in ``context_cache``, keyed by the context and the weights' versions.
+        preprocessing, feature shifts, class permutations, temperature, averaging, target transforms. The fitted
+        estimator is kept in ``context_cache``, keyed by the context and the weights' versions (with its
+        key/value cache under ``model.kv_cache=true``).
         """
         module.eval()
         classes = np.unique(y_context) if task.is_classification else None
@@ -349,11 +350,14 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
             probs = np.zeros((len(X_query), task.n_classes))
             probs[:, int(classes[0])] = 1.0
             return probs
-        settings = (task, config.n_estimators, config.softmax_temperature, str(device))
+        # the package's default fit_mode keeps no key/value cache; model.kv_cache=true keeps one
+        fit_mode = "fit_with_cache" if getattr(config, "kv_cache", False) else "fit_preprocessors"
+        settings = (task, config.n_estimators, config.softmax_temperature, str(device), fit_mode)
         # the entry holds the module (through ModelSpecs), so ids in its key cannot be reused while it lives
         estimator = self.context_cache.get(
             module, (X_context, y_context),
-            lambda: self.fitted_estimator(module, X_context, y_context, task, config, device), extra=settings)
+            lambda: self.fitted_estimator(module, X_context, y_context, task, config, device, fit_mode),
+            extra=settings)
         X_query = np.asarray(X_query)  # the user's numbers (float64), as the estimator would be handed them
         if not task.is_classification:
             return np.asarray(estimator.predict(X_query), dtype=np.float64)
@@ -363,7 +367,7 @@ class TabPFNAdapter(TabPFNSpec, ModelAdapter):
         return probs
 
     def fitted_estimator(self, module, X_context, y_context, task: Task, config: ModelConfig, device,
-                         fit_mode: str = "fit_with_cache"):
+                         fit_mode: str = "fit_preprocessors"):
         """The package's estimator for ``module``, fitted on the context (its members preprocessed, cache built).
 
         Settings are the package's defaults except those tabtune's config names (``n_estimators``,

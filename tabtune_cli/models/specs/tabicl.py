@@ -21,6 +21,9 @@ class TabICLConfig(ModelConfig):
     n_estimators: Optional[int] = 8
     max_context_rows: Optional[int] = None
     softmax_temperature: Optional[float] = 0.9
+    # the package's default: no key/value cache; true keeps the context's keys/values of every member
+    # (about 50 KB a context row a member at the default size) so repeated predictions skip the context
+    kv_cache: bool = False
 
 
 class TabICLSpec(ModelSpec):

@@ -26,6 +26,9 @@ class TabPFNConfig(ModelConfig):
     n_estimators: Optional[int] = None
     max_context_rows: Optional[int] = None
     softmax_temperature: Optional[float] = None
+    # the package's default, fit_mode="fit_preprocessors": no key/value cache; true fits with
+    # "fit_with_cache", keeping the context's keys/values so repeated predictions skip the context
+    kv_cache: bool = False
 
 
 class TabPFNSpec(ModelSpec):

@@ -38,8 +38,10 @@ members' logits, as prediction averages them; in eval mode that equals the predi
 
 Mapped settings: ``model.n_estimators`` is the estimator's ``n_estimators``, ``model.softmax_temperature``
 its ``softmax_temperature`` and ``model.max_context_rows`` (null: every row) a stratified cap on the
-context a user may choose. Queries go in chunks of ``QUERY_CHUNK`` rows so memory stays flat on big tables
-(query rows never see each other, so chunks change nothing but the last bits).
+context a user may choose. Queries go to the estimator in one call, as a user of the package would send
+them (each call encodes the context again); with ``model.kv_cache=true`` in chunks of ``QUERY_CHUNK`` rows,
+so memory stays flat on big tables (query rows never see each other, so chunks change nothing but the last
+bits).
 
 The fitted estimator (its members' preprocessing) is kept in the adapter's ``ContextCache``, keyed on
 the context arrays and the module's weights; new weights (a training step, an adapter swap) or another
@@ -268,7 +270,9 @@ class TabICLAdapter(TabICLSpec, ModelAdapter):
             estimator = self.context_cache.get(module, (X_context, y_context), lambda: fit(kv_cache), settings)
         else:
             estimator = fit(False)
-        chunk = QUERY_CHUNK if estimator.kv_cache else max(256, QUERY_CHUNK - len(X_context))
+        # without the cache every call encodes the context again: all queries in one call, as the package (its
+        # own batching and offloading bound the memory); with it, chunks keep memory flat for nothing
+        chunk = QUERY_CHUNK if estimator.kv_cache else len(X_query)
         answer = estimator.predict_proba if task.is_classification else estimator.predict
         out = np.concatenate([answer(X_query[start:start + chunk]) for start in range(0, len(X_query), chunk)])
         if self.cache_context and hasattr(module, "peft_config"):  # only peft's forward moves the counters

@@ -18,6 +18,7 @@ from tabtune_cli.config import LoraSettings, ModelConfig
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.models.base import Task, under_prefixes
 from tabtune_cli.models.orion_bix import OrionBix, OrionBixAdapter
+from tabtune_cli.models.orion_members import fitted_members, member_views
 from tabtune_cli.tuning import lora
 
 CPU = torch.device("cpu")
@@ -72,17 +73,23 @@ def test_official_layout_loads_strictly_and_predicts_as_its_source(tmp_path, pre
     np.testing.assert_array_equal(proba, adapter.predict(source, Xc, yc, Xq, TASK, config, CPU))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
 
-    # the ensemble is the reference wrapper's: members' un-shifted logits averaged, then softmax(/T)
-    rng, total = np.random.default_rng(0), 0.0
-    for member in range(3):
-        order = np.arange(5) if member == 0 else rng.permutation(5)
-        X = torch.as_tensor(np.concatenate([Xc[:, order], Xq[:, order]]))[None]
+    # the ensemble is the reference wrapper's (its members: tests/test_orion_members.py): each member's
+    # un-shifted logits averaged, then softmax(/T)
+    total, members = 0.0, fitted_members(Xc, yc, 3)
+    for X, y, shift in member_views(members, Xq, 1):
         with torch.no_grad():
-            logits = source.eval()(X, torch.as_tensor((yc + member) % 3, dtype=torch.float32)[None])[0].numpy()
-        total = total + np.roll(logits, -member, axis=-1)
+            logits = source.eval()(torch.as_tensor(X, dtype=torch.float32)[None],
+                                   torch.as_tensor(y, dtype=torch.float32)[None])[0].numpy()
+        total = total + logits[:, shift]
     expected = torch.softmax(torch.as_tensor(total / 3 / 0.9), dim=-1).numpy()
     np.testing.assert_allclose(proba, expected, atol=1e-6)
     assert np.abs(proba - 1 / 3).max() > 1e-3  # not uniform: the weights and the table mattered
+    # one member is the table standard-scaled on the context
+    one = adapter.predict(module, Xc, yc, Xq, TASK, ModelConfig(name="orionbix", n_estimators=1), CPU)
+    X = torch.as_tensor((np.concatenate([Xc, Xq]) - Xc.mean(0)) / Xc.std(0), dtype=torch.float32)[None]
+    with torch.no_grad():
+        logits = source(X, torch.as_tensor(yc, dtype=torch.float32)[None])[0]
+    np.testing.assert_allclose(one, torch.softmax(logits / 0.9, dim=-1).numpy(), atol=1e-5)
 
     # another seed's weights predict otherwise, so the comparison above is not vacuous
     _, other, _ = tiny(seed=1)

@@ -64,20 +64,23 @@ def test_official_checkpoint_loads_strictly_and_predicts_like_its_module(tmp_pat
     with torch.no_grad():
         expected_logits = source.eval()(X, yc.float())
         assert torch.equal(module.eval()(X, yc.float()), expected_logits)
-    # one member: the softmax of the logits at the configured temperature
+    # one member: the wrapper's first, the table standard-scaled on the context, its logits through softmax(/T)
     config = ModelConfig(name="orionmsp", n_estimators=1, softmax_temperature=0.9)
     proba = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), TASK, config, CPU)
-    np.testing.assert_allclose(proba, torch.softmax(expected_logits[0] / 0.9, dim=-1).numpy(), atol=1e-6)
-    assert proba.std(axis=0).max() > 1e-3  # the rows differ: not a constant prediction
-    # two members: the second permutes the columns and shifts the labels by one; logits are averaged
-    order = np.random.default_rng(0).permutation(Xc.shape[2])
+    mean, std = Xc[0].mean(0), Xc[0].std(0, unbiased=False)
     with torch.no_grad():
-        shifted = source(X[..., order], ((yc + 1) % 3).float())[0].roll(-1, dims=-1)
-    mean = (expected_logits[0] + shifted) / 2
-    two = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), TASK,
-                          ModelConfig(name="orionmsp", n_estimators=2, softmax_temperature=0.9), CPU)
-    np.testing.assert_allclose(two, torch.softmax(mean / 0.9, dim=-1).numpy(), atol=1e-6)
-    assert np.abs(two - proba).max() > 1e-4
+        scaled = source(((X - mean) / std).float(), yc.float())[0]
+    np.testing.assert_allclose(proba, torch.softmax(scaled / 0.9, dim=-1).numpy(), atol=1e-5)
+    assert proba.std(axis=0).max() > 1e-3  # the rows differ: not a constant prediction
+    # the numbers as the user has them: a column's unit changes nothing once the member scales it
+    rescaled = [a.numpy() * np.array([1.0, 1e3, 1.0, 1.0, 1e-2, 1.0]) for a in (Xc[0], Xq[0])]
+    np.testing.assert_allclose(adapter.predict(module, rescaled[0], yc[0].numpy(), rescaled[1], TASK, config, CPU),
+                               proba, atol=1e-5)
+    # the default 32 members (feature orders, class shifts, power-transformed halves) answer otherwise
+    full = adapter.predict(module, Xc[0].numpy(), yc[0].numpy(), Xq[0].numpy(), TASK,
+                           ModelConfig(name="orionmsp", n_estimators=32, softmax_temperature=0.9), CPU)
+    np.testing.assert_allclose(full.sum(axis=1), 1.0, atol=1e-6)
+    assert np.abs(full - proba).max() > 1e-4
 
 
 def test_bad_checkpoints_are_refused_naming_what_is_wrong(tmp_path):
@@ -210,13 +213,15 @@ def test_isolate_queries_false_gives_the_references_computation_through_the_adap
     isolated = adapter.predict(module, *args, OrionMSPConfig(n_estimators=1, isolate_queries=True), CPU)
     shared = adapter.predict(module, *args, OrionMSPConfig(n_estimators=1, isolate_queries=False), CPU)
     module.isolate_queries = False
+    X = torch.cat([Xc, Xq], 1)
+    X = (X - Xc[0].mean(0)) / Xc[0].std(0, unbiased=False)  # the wrapper's first member: standard scaling
     with torch.no_grad():  # the bare reference computation, one member, softmax at 0.9
-        reference = torch.softmax(module.eval()(torch.cat([Xc, Xq], 1), yc.float()) / 0.9, -1)[0].numpy()
-    np.testing.assert_allclose(shared, reference, atol=1e-6)
+        reference = torch.softmax(module.eval()(X, yc.float()) / 0.9, -1)[0].numpy()
+    np.testing.assert_allclose(shared, reference, atol=1e-5)
     assert np.abs(isolated - shared).max() > 1e-5
     # the switch reaches the model inside a peft wrapper too (training episodes)
     wrapped = lora.wrap(adapter, module, LoraSettings(r=2))
-    adapter.episode_logits(wrapped, Xc, yc, Xq, TASK, OrionMSPConfig(isolate_queries=True))
+    adapter.episode_logits(wrapped, Xc, yc, Xq, TASK, OrionMSPConfig(n_estimators=1, isolate_queries=True))
     assert all(m.isolate_queries for m in wrapped.modules() if isinstance(m, OrionMSP))
 
 

@@ -60,19 +60,16 @@ reference, is :class:`LiveTorchAttention` (torch's kernel, then ``out_proj``). D
 ``col_embedder.tf_col``, ``bi_axial_attention`` (the competitor's ``biaxial`` never matched it),
 ``icl_predictor.tf_icl`` and ``icl_predictor.decoder``.
 
-Inference (``OrionBixAdapter.predict``) follows the reference wrapper ``OrionBixClassifier``: the
-context labels encoded to the classes present, members that differ by feature order and a cyclic
-class shift, each member's logits un-shifted, the logits averaged (``average_logits=True``), then a
-softmax at ``softmax_temperature`` (0.9 by default there and here). Deviations, and why: the member
-count is ``model.n_estimators`` (the reference's default is 32); feature orders are the shared plan of
-``base.ensemble_predict`` (the table as given, then seeded random permutations) instead of Latin
-squares, and member ``i`` shifts classes by ``i mod n_classes`` instead of a seeded draw, so every
-tabtune model ensembles alike; the reference's second half of members on Yeo-Johnson power-transformed
-features and its z-score outlier clipping are not reproduced, because tabtune's shared preprocessor
-(fitted on the training split) already standardises and clips; each member is its own forward (the
-reference batches members and reuses the first table's column embeddings, a path that fails for more
-than one table in tabtune 0.2.1). Past ``max_classes`` classes the temperature cancels out, as in the
-reference: the result is the normalised geometric mean of the members' hierarchy probabilities.
+Inference (``OrionBixAdapter.predict``) is the reference wrapper ``OrionBixClassifier``'s at its defaults
+(``orion_members``): the context labels encoded to the classes present, the wrapper's 32 members (Latin-square
+feature orders, cyclic class shifts drawn from seed 42, half of them on Yeo-Johnson power-transformed
+features, each with its standard scaling and outlier clipping fitted on the context), each member's logits
+un-shifted, averaged (``average_logits=True``), then a softmax at ``softmax_temperature`` (0.9). The numbers
+reach the members as the user gave them (``raw_numbers``). Training runs each episode through the same
+members (``episode_logits``). Deviations: each member is its own forward (the reference batches members and
+reuses the first table's column embeddings, a path that fails for more than one table in tabtune 0.2.1);
+a gap is filled (the reference refuses it). Past ``max_classes`` classes the temperature cancels out, as in
+the reference: the result is the normalised geometric mean of the members' hierarchy probabilities.
 """
 
 from __future__ import annotations
@@ -90,9 +87,14 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict, load_weights
+from . import orion_members
+from .base import ModelAdapter, Task, load_weights
 from .specs.orion_bix import CHECKPOINTS, OrionBixConfig, OrionBixSpec  # noqa: F401 (OrionBixConfig: re-exported)
 from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container, write_container
+
+# members a forward: the reference wrapper's batched path (its default batch_size=8) fails in tabtune 0.2.1,
+# so its working computation is one member a forward, each in its own feature order
+WRAPPER_BATCH = 1
 
 SKIP_VALUE = -100.0
 NUM_GROUPS = 4  # the reference's grouped attention always uses 4 contiguous feature groups
@@ -496,28 +498,31 @@ class OrionBixAdapter(OrionBixSpec, ModelAdapter):
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
-        out = module(torch.cat([X_context, X_query], dim=1), y_context.float())
-        return out[..., : task.n_classes]
+        """Each episode through the reference wrapper's members fitted on its context (``orion_members``), as
+        ``predict`` sees it; ``config.n_estimators`` members (``strategy.train_n_estimators``)."""
+        config = config if config is not None else OrionBixConfig()
+        temperature = config.softmax_temperature or 0.9
+
+        def forward(X, y):
+            return module(X[None], y[None], softmax_temperature=temperature)[0]
+
+        return orion_members.episode_logits(forward, X_context, y_context, X_query, config.n_estimators,
+                                            WRAPPER_BATCH, task.n_classes)
 
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        """The reference wrapper's ``predict_proba`` (``orion_members``): its members, their logits averaged, one
+        softmax at ``model.softmax_temperature``."""
         module.eval()
-        # the reference label-encodes the context; a class absent from it gets probability 0
-        present, y_encoded = np.unique(y_context, return_inverse=True)
-        n_classes = len(present)
         temperature = config.softmax_temperature
 
-        def logits(Xc, yc, Xq):
-            X = torch.as_tensor(np.concatenate([Xc, Xq]).astype(np.float32), device=device)[None]
-            y = torch.as_tensor(yc, device=device, dtype=torch.float32)[None]
+        def forward(X, y):
+            X = torch.as_tensor(X, device=device, dtype=torch.float32)[None]
+            y = torch.as_tensor(y, device=device, dtype=torch.float32)[None]
             return module(X, y, softmax_temperature=temperature)[0].float().cpu().numpy()
 
-        # like the reference, members' logits are averaged and the temperature applies to the mean
-        probs = ensemble_predict(X_context, y_encoded, X_query, Task(task.kind, n_classes), config.n_estimators,
-                                 logits, chunk=max(256, 8192 - len(X_context)), logit_temperature=temperature)
-        full = np.zeros((len(X_query), task.n_classes))
-        full[:, present] = probs
-        return full
+        return orion_members.predicted_probabilities(forward, X_context, y_context, X_query, config.n_estimators,
+                                                     WRAPPER_BATCH, temperature, task.n_classes)
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):

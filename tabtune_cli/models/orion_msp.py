@@ -80,19 +80,16 @@ layers), which gives its cross- and self-attention ``in_proj_weight``,
 ``out_proj`` and feed-forward linears live adapters too. The label embedding,
 ``SkippableLinear`` column projections and learned tokens are never LoRA targets.
 
-Inference settings vs the reference's ``OrionMSPClassifier``. Like it, members
-differ by feature order and cyclic class shift, each member's *logits* are
-averaged (after undoing the shift) and the mean goes through a softmax at
-temperature ``model.softmax_temperature`` (0.9 by default, as there); above
-``max_classes`` a member's logits are the hierarchy's ``T * log(p + 1e-6)``, as
-the reference's forward returns. ``model.n_estimators`` sets the member count
-(the reference: 32). Different: the member orders are tabtune's (the table as
-given, then seeded random permutations, as for every adapter) instead of Latin
-squares; there are no power-transformed members and no per-member outlier
-clipping (tabtune's shared preprocessing prepares the table once); queries go
-through in chunks of up to 8,192 rows with the context (with ``isolate_queries`` the chunks change no
-output; without, a chunk's query rows meet as one reference call's do);
-on CUDA the reference runs under fp16 autocast by default, we stay in fp32.
+Inference is the reference wrapper ``OrionMSPClassifier``'s at its defaults (``orion_members``): its 32
+members (Latin-square feature orders, cyclic class shifts drawn from seed 42, half of them on Yeo-Johnson
+power-transformed features, each with its standard scaling and outlier clipping fitted on the context), each
+member's *logits* averaged after undoing the shift, the mean through a softmax at temperature
+``model.softmax_temperature`` (0.9); above ``max_classes`` a member's logits are the hierarchy's
+``T * log(p + 1e-6)``, as the reference's forward returns. The numbers reach the members as the user gave
+them (``raw_numbers``), and training runs each episode through the same members (``episode_logits``).
+Different: a gap is filled (the reference refuses it); queries go through in chunks of up to 8,192 rows with
+the context (with ``isolate_queries`` the chunks change no output; without, a chunk's query rows meet as one
+reference call's do); on CUDA the reference runs under fp16 autocast by default, we stay in fp32.
 """
 
 from __future__ import annotations
@@ -111,9 +108,13 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from .base import ModelAdapter, Task, ensemble_predict, load_weights
+from . import orion_members
+from .base import ModelAdapter, Task, load_weights
 from .specs.orion_msp import CHECKPOINTS, OrionMSPConfig, OrionMSPSpec  # noqa: F401 (OrionMSPConfig: re-exported)
 from .tabicl import PLAIN_LINEAR, _make_attention_live, read_container, write_container
+
+# the reference wrapper's batch_size: members a forward, which decides the orders they see
+WRAPPER_BATCH = 8
 
 # rows of queries per attention call when queries see only the context and themselves
 QUERY_CHUNK = 1024
@@ -506,25 +507,33 @@ class OrionMSPAdapter(OrionMSPSpec, ModelAdapter):
     # -- forward -------------------------------------------------------------------------------
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
+        """Each episode through the reference wrapper's members fitted on its context (``orion_members``), as
+        ``predict`` sees it; ``config.n_estimators`` members (``strategy.train_n_estimators``)."""
+        config = config if config is not None else OrionMSPConfig()
         _set_isolation(module, config)
-        X = torch.cat([X_context, X_query], dim=1)
-        return module(X, y_context.float(), n_classes=task.n_classes)[..., : task.n_classes]
+        temperature = config.softmax_temperature or 0.9
+
+        def forward(X, y):
+            return module(X[None], y[None], softmax_temperature=temperature)[0]
+
+        return orion_members.episode_logits(forward, X_context, y_context, X_query, config.n_estimators,
+                                            WRAPPER_BATCH, task.n_classes)
 
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
+        """The reference wrapper's ``predict_proba`` (``orion_members``): its members, their logits averaged, one
+        softmax at ``model.softmax_temperature``."""
         module.eval()
         _set_isolation(module, config)
         temperature = config.softmax_temperature
 
-        def logits(Xc, yc, Xq):
-            X = torch.as_tensor(np.concatenate([Xc, Xq]), device=device, dtype=torch.float32)[None]
-            y = torch.as_tensor(yc, device=device, dtype=torch.float32)[None]
-            out = module(X, y, return_logits=True, softmax_temperature=temperature, n_classes=task.n_classes)[0]
-            return out.float().cpu().numpy()
+        def forward(X, y):
+            X = torch.as_tensor(X, device=device, dtype=torch.float32)[None]
+            y = torch.as_tensor(y, device=device, dtype=torch.float32)[None]
+            return module(X, y, return_logits=True, softmax_temperature=temperature)[0].float().cpu().numpy()
 
-        # like the reference, members' logits are averaged and the temperature applies to the mean
-        return ensemble_predict(X_context, y_context, X_query, task, config.n_estimators, logits,
-                                chunk=max(256, 8192 - len(X_context)), logit_temperature=temperature)
+        return orion_members.predicted_probabilities(forward, X_context, y_context, X_query, config.n_estimators,
+                                                     WRAPPER_BATCH, temperature, task.n_classes)
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):

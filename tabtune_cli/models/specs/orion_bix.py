@@ -23,6 +23,7 @@ class OrionBixSpec(ModelSpec):
     name = "orionbix"
     title = "OrionBix"
     config_class = OrionBixConfig
+    raw_numbers = True  # the wrapper's members impute, scale, power-transform and clip the numbers
     tasks = ("classification",)
     max_classes = 10
     native_many_classes = True  # the eval forward builds the reference's class hierarchy itself

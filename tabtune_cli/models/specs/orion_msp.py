@@ -29,6 +29,7 @@ class OrionMSPSpec(ModelSpec):
     name = "orionmsp"
     title = "OrionMSP"
     config_class = OrionMSPConfig
+    raw_numbers = True  # the wrapper's members impute, scale, power-transform and clip the numbers
     tasks = ("classification",)
     max_classes = 10
     native_many_classes = True  # the module's eval path builds the reference's class hierarchy

@@ -100,6 +100,9 @@ class StrategyConfig:
     # (TabICL, TabPFN: their estimators' own members, as prediction fits them on the context); null: the
     # model's n_estimators
     train_n_estimators: Optional[int] = 2
+    # the validation metric early stopping watches and the best weights are kept by, per task kind
+    # ({classification: roc_auc}); a kind not named watches the training objective's (log_loss, rmse)
+    early_stopping_metric: Dict[str, str] = field(default_factory=dict)
     show_progress: bool = True
     # recompute each repeated block's activations in the backward pass instead of keeping them (less
     # memory, about one more forward's time a step); the model adapter decides what its blocks are
@@ -266,6 +269,15 @@ def check_strategy(s: StrategyConfig) -> None:
         raise TabTuneError(f"strategy.learning_rate must be positive, got {s.learning_rate}")
     if s.warmup_steps < 0:
         raise TabTuneError(f"strategy.warmup_steps must be >= 0, got {s.warmup_steps}")
+    from .evaluation.metrics import METRICS
+
+    for kind, metric in dict(s.early_stopping_metric or {}).items():
+        if kind not in METRICS:
+            raise TabTuneError(f"strategy.early_stopping_metric: unknown task kind {kind!r} "
+                               f"(known: {', '.join(METRICS)})")
+        if metric not in METRICS[kind]:
+            raise TabTuneError(f"strategy.early_stopping_metric.{kind}: unknown metric {metric!r} "
+                               f"(known: {', '.join(METRICS[kind])})")
 
 
 @dataclass

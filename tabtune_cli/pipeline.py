@@ -382,7 +382,7 @@ class TabularPipeline:
         if self.train_result_ is not None:
             r = self.train_result_
             out["training"] = {"best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "steps": r.steps,
-                               "val_before": r.val_before, "val_best": r.best_val,
+                               "val_metric": r.val_metric, "val_before": r.val_before, "val_best": r.best_val,
                                **({"stopped": r.stopped} if r.stopped else {})}
         return out
 

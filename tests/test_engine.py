@@ -255,6 +255,34 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeyp
     assert [h["val_log_loss"] for h in r.history if "val_log_loss" in h] == [0.9, 0.6, 0.7, 0.8, 0.75]
 
 
+def test_early_stopping_can_watch_a_metric_where_higher_is_better(monkeypatch, split):
+    """strategy.early_stopping_metric {classification: roc_auc} (tabicl's and tabpfn's recipes): the highest
+    ROC AUC is the best epoch, patience counts epochs without a higher one, metrics name what was watched."""
+    from tabtune_cli.tuning import trainer
+
+    X_train, y_train, _, _ = split
+    snapshots, asked = [], []
+
+    def fake_validate(adapter, module, *args, **kwargs):
+        asked.append(args[-1])  # the metric the trainer asks for
+        snapshots.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return {"roc_auc": [0.60, 0.70, 0.90, 0.80, 0.85, 0.88, 0.99][len(snapshots) - 1]}
+
+    monkeypatch.setattr(trainer, "validate", fake_validate)
+    params = {**TUNE_PARAMS["base-ft"], "epochs": 6, "early_stopping_patience": 3,
+              "early_stopping_metric": {"classification": "roc_auc"}}
+    pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
+    r = pipe.train_result_
+    # epoch 2 is best (0.90); 3-5 stay below it, so patience 3 stops after epoch 5 (never sees 0.99)
+    assert (r.best_epoch, r.best_val, r.val_before, r.epochs_run) == (2, 0.90, 0.60, 5)
+    assert set(asked) == {"roc_auc"} and r.val_metric == "roc_auc"
+    assert changed_keys(pipe.module_.state_dict(), snapshots[2]) == []
+    assert pipe.summary()["training"]["val_metric"] == "roc_auc"
+    with pytest.raises(TabTuneError, match=r"strategy.early_stopping_metric.classification: unknown metric 'auc'"):
+        fit_pipeline("base-ft", X_train, y_train,
+                     tuning_params={**params, "early_stopping_metric": {"classification": "auc"}})
+
+
 @pytest.mark.parametrize("model_name,model_params,best_epoch", [
     ("nano", {"n_estimators": 1}, 2),  # pretrained: epochs 1 and 3 rank the validation rows worse than the start
     ("tabicl", TINY_MODEL, 3)])        # random weights: no ranking to keep, the lowest log loss wins

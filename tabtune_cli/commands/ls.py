@@ -66,7 +66,8 @@ def _recipes() -> Table:
             path = conf_dir() / "recipe" / f"{name}_{strategy}.yaml"
             keys = {**group_defaults("strategy", strategy), **recipe_defaults(name, strategy)}
             figures = (f"lr {keys['learning_rate']:g}, {keys['epochs']} epochs x {keys['steps_per_epoch'] or 'a pass'}"
-                       f" step(s), episodes {keys['context_size']:,} + {keys['query_size']:,} rows")
+                       f" step(s), episodes {keys['context_size']:,} + {keys['query_size']:,} rows, stops on "
+                       f"{(keys.get('early_stopping_metric') or {}).get('classification', 'log_loss')}")
             source = _source(path) if path.is_file() else "the strategy's defaults (measured on nano)"
             cells.append(f"{figures}\n{source}")
         table.add_row(name, *cells)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import ModelConfig, StrategyConfig, to_dict
 from ..errors import TabTuneError
-from ..evaluation.metrics import VALIDATION_METRIC, compute_metrics
+from ..evaluation.metrics import HIGHER_IS_BETTER, VALIDATION_METRIC, compute_metrics
 from ..models.base import ModelAdapter, Task, predict_classes
 from . import checkpoint, distributed
 from .episodes import context_rows, epoch_episodes
@@ -63,6 +63,7 @@ class TrainResult:
     seconds: float = 0.0
     val_seconds: float = 0.0  # of ``seconds``, spent in validation passes (the start's included)
     stopped: str | None = None  # why training ended before its epochs were done (divergence)
+    val_metric: str = "log_loss"  # what best_val and val_before measure (strategy.early_stopping_metric)
     resumed_after: int | None = None  # the epoch of the checkpoint this training resumed from
 
 
@@ -101,23 +102,33 @@ def _optimizer(module: nn.Module, params: list, strategy: StrategyConfig, lr_rat
                                      loraplus_lr_embedding=strategy.learning_rate, **extra)
 
 
+def watched_metric(strategy: StrategyConfig, task: Task) -> str:
+    """The validation metric early stopping watches: ``strategy.early_stopping_metric``'s for the task's kind,
+    else the training objective's (``VALIDATION_METRIC``)."""
+    return (strategy.early_stopping_metric or {}).get(task.kind) or VALIDATION_METRIC[task.kind][0]
+
+
 def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split, val: Split,
              model_config: ModelConfig, device: torch.device, seed: int,
-             target_scale: tuple[float, float] | None = None) -> dict[str, float | None]:
-    """The validation metrics with the training split as context: the watched one (lower is better; see
-    ``VALIDATION_METRIC``) and, for classification, ROC AUC. ``target_scale`` (mean, std): the regression
-    target was standardised with it, and the metrics are in the target's own units, as the run reports them."""
+             target_scale: tuple[float, float] | None = None, name: str | None = None) -> dict[str, float | None]:
+    """The validation metrics with the training split as context: the watched one (``name``; default the
+    objective's, ``VALIDATION_METRIC``) and, for classification, ROC AUC. ``target_scale`` (mean, std): the
+    regression target was standardised with it, and the metrics are in the target's own units, as the run
+    reports them."""
     labels = train.y if task.is_classification else None
     ctx = adapter.prediction_context(labels, len(train.y), model_config, seed)
     pred = predict_classes(adapter, module, train.X[ctx], train.y[ctx], val.X, task, model_config, device)
     y = val.y
-    name, _ = VALIDATION_METRIC[task.kind]
+    name = name or VALIDATION_METRIC[task.kind][0]
     if not np.isfinite(pred).all():  # diverged weights: no metric to take (the trainer stops on a NaN)
         return {name: float("nan"), **({"roc_auc": None} if task.is_classification else {})}
     if target_scale is not None:
         mean, std = target_scale
         y, pred = y * std + mean, pred * std + mean
     metrics = compute_metrics(task.kind, y, pred)
+    if metrics[name] is None:
+        raise TabTuneError(f"strategy.early_stopping_metric.{task.kind}: {name} is undefined on this validation "
+                           f"split ({len(np.unique(val.y))} class); choose another metric or more rows")
     return {name: metrics[name], **({"roc_auc": metrics["roc_auc"]} if task.is_classification else {})}
 
 
@@ -239,7 +250,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
 
     X_all = torch.as_tensor(train_split.X, device=device)
     y_all = torch.as_tensor(train_split.y, device=device)
-    metric_name, _ = VALIDATION_METRIC[task.kind]
+    metric_name = watched_metric(strategy, task)
+    higher_is_better = metric_name in HIGHER_IS_BETTER
     val_split, val_config = validation_setup(task, val_split, strategy, model_config, seed)
     train_config = capped_members(model_config, strategy.train_n_estimators)
     val_seconds = 0.0
@@ -247,7 +259,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     def validation() -> dict:
         nonlocal val_seconds
         began = time.perf_counter()
-        scores = validate(adapter, module, task, train_split, val_split, val_config, device, seed, target_scale)
+        scores = validate(adapter, module, task, train_split, val_split, val_config, device, seed, target_scale,
+                          metric_name)
         val_seconds += time.perf_counter() - began
         return scores
 
@@ -346,7 +359,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in scores.items()}})
             progress.update(bar, status=f"epoch {epoch} val {metric_name} {val:.4f}")
             ranks_as_well = not guard_auc or (scores["roc_auc"] or 0.0) >= start["roc_auc"]
-            if val < best_val and ranks_as_well:
+            if (val > best_val if higher_is_better else val < best_val) and ranks_as_well:
                 best_val, best_epoch, best_step, stale = val, epoch, step, 0
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
                 if on_best is not None and rank == 0:
@@ -374,7 +387,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     return TrainResult(best_epoch=best_epoch, best_val=best_val, val_before=val_before, epochs_run=epoch,
                        steps=step, history=history, best_step=best_step,
                        seconds=earlier_seconds + time.perf_counter() - started, val_seconds=val_seconds,
-                       stopped=stopped, resumed_after=resumed_after)
+                       stopped=stopped, resumed_after=resumed_after, val_metric=metric_name)
 
 
 def _check_identity(folder: Path, saved: dict, current: dict) -> None:

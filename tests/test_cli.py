@@ -18,6 +18,7 @@ import yaml
 
 from tabtune_cli import TabularPipeline, rundir
 from tabtune_cli.commands.train import plain_configs
+from tabtune_cli.config import recipe_defaults
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.hydra_conf import compose_train, conf_dir
 from tabtune_cli.models.registry import ADAPTERS, SPECS
@@ -122,7 +123,12 @@ def check_run(run_dir: Path, strategy: str) -> dict:
         assert 0 < metrics["trainable_params"] < metrics["total_params"]
     if strategy != "inference":
         history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-        assert any("loss" in h for h in history) and any("val_log_loss" in h for h in history)
+        # the watched metric is the model's recipe's (ROC AUC where it follows tabicl's and tabpfn's fine-tuners)
+        model = run_dir.name.split("_")[1]
+        recipe = recipe_defaults(model, strategy).get("early_stopping_metric") or {}
+        watched = metrics["training"]["val_metric"]
+        assert watched == recipe.get("classification", "log_loss"), (run_dir.name, watched)
+        assert any("loss" in h for h in history) and any(f"val_{watched}" in h for h in history)
         assert (run_dir / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (run_dir / "training.png").exists()

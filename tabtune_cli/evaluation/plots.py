@@ -25,7 +25,9 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path | None:
     loss_axis.set_ylabel("training loss", color="tab:blue")
     val_axis = loss_axis.twinx()
     val_axis.plot(*zip(*epochs), color="tab:orange", marker="o", label=f"{val_key} (per epoch; step 0 = start)")
-    best = min(epochs, key=lambda e: e[1])
+    from .metrics import HIGHER_IS_BETTER
+
+    best = (max if val_key.removeprefix("val_") in HIGHER_IS_BETTER else min)(epochs, key=lambda e: e[1])
     val_axis.scatter([best[0]], [best[1]], s=120, facecolors="none", edgecolors="tab:red", zorder=3,
                      label="best (kept)")
     val_axis.set_ylabel(val_key, color="tab:orange")

@@ -63,10 +63,20 @@ and every other column as text (ids into a vocabulary of the table's strings), a
 names. :class:`ContextTabAdapter` turns its matrices into the tensors above: text cells and names
 through the in-process sentence encoder (``tabtune_cli.data.text``; each distinct string embedded
 once), numbers standardised by each context as the reference does. Prediction follows the
-reference's estimator (one pass, plain softmax, context capped, queries in chunks); its context cap
-defaults to 2,048 rows where the reference takes 8,192, because on a CPU each pass over 8,192 rows of
-the 172 M-parameter base model takes minutes. Fine-tuning episodes keep the column layout (no
-feature shuffling: the model reads each column's name) and the model's context mask.
+reference's estimator at its defaults (``ConTextTabClassifier()``): one pass, every training row as
+context up to 8,192 and past it the estimator's own draw (``DataFrame.sample(8192, random_state=42)``,
+:meth:`ContextTabAdapter.prediction_context`), the context's classes under the estimator's class ids
+(:func:`reference_class_order`), a plain softmax over those classes (a class the context lacks gets no
+probability), queries in chunks. With nothing but ``model.checkpoint`` its probabilities are the
+estimator's (``tests/parity/test_contexttab_defaults_parity.py``: 7e-7 on 3,000 and 9,000 raw training rows).
+Where tabtune reads a table differently, the estimator is the odd one: it drops a column constant in the
+training rows only if it is constant in the query chunk too (so a query's answer depends on the other
+queries of its chunk; tabtune drops it), embeds a missing text cell as ``"None"`` or ``"<NA>"`` by its
+container (tabtune: ``"nan"`` always), reads nullable ``Int64`` / ``Float64`` columns as text, and orders
+classes with tied counts by an unstable sort (tabtune: the one seen first in the context). One is tabtune's
+choice: a column of date strings is read as dates here and as text by the estimator, which takes dates from
+date dtypes only. Fine-tuning episodes keep the column layout (no feature shuffling: the model reads each
+column's name) and the model's context mask.
 """
 
 from __future__ import annotations
@@ -516,8 +526,34 @@ class ContextTabTable:
 
 
 # -- the adapter --------------------------------------------------------------------------------------
-QUERY_CHUNK = 500        # query rows per forward at prediction (the reference: 1,000)
+QUERY_CHUNK = 500        # query rows per forward at prediction (the reference: 1,000; the same answers)
 MAX_TOKENS = 4096        # bounds the rows x columns one attention call holds at prediction
+REFERENCE_SEED = 42      # the reference estimator's fixed seed: its context sample and its class order
+
+
+def reference_class_order(y_context: np.ndarray) -> np.ndarray:
+    """The task classes in the order of the reference's class ids: class ``order[j]`` is read as id ``j``.
+
+    The reference's tokenizer ranks the context's classes by count (``value_counts``; a tie goes to the class
+    seen first in the context, which pandas 3's stable sort keeps; the reference's pandas 2 sorts ties
+    unstably), keeps the first 62 and shuffles them with ``np.random.seed(42); np.random.permutation``, the
+    same draw as ``RandomState(42).permutation``. The class ids mean something to the weights: given sorted
+    ids instead, random weights answered up to 0.5 apart."""
+    classes, first, counts = np.unique(np.asarray(y_context), return_index=True, return_counts=True)
+    ranked = classes[np.lexsort((first, -counts))][:MAX_CLASSES]
+    return ranked[np.random.RandomState(REFERENCE_SEED).permutation(len(ranked))]
+
+
+def episode_class_ids(y_context: np.ndarray, n_classes: int) -> np.ndarray:
+    """``ids[c]``: the id task class ``c`` has in a training episode whose context labels are ``y_context``.
+
+    The context's classes take the ids prediction gives them (:func:`reference_class_order`); classes the
+    context lacks take the remaining ids in their own order."""
+    order = reference_class_order(y_context)
+    order = np.concatenate([order, np.setdiff1d(np.arange(n_classes), order)])
+    ids = np.empty(n_classes, dtype=np.int64)
+    ids[order] = np.arange(n_classes)
+    return ids
 
 
 def _numbers(values: Tensor, n_context: int) -> Tensor:
@@ -660,7 +696,12 @@ class ContextTabAdapter(ContextTabSpec, ModelAdapter):
         for Xc, yc, Xq in zip(X_context, y_context, X_query):
             inputs = self._inputs(torch.cat([Xc, Xq]), n_context)
             if task.is_classification:
-                outputs.append(module(**inputs, y_context=yc, n_classes=task.n_classes))
+                # the class ids prediction gives this context (reference_class_order); a class the episode's
+                # context lacks takes one of the ids left over, so every task class keeps a logit
+                ids = episode_class_ids(yc.cpu().numpy(), task.n_classes)
+                id_of = torch.as_tensor(ids, device=yc.device)
+                logits = module(**inputs, y_context=id_of[yc.long()], n_classes=task.n_classes)
+                outputs.append(logits[:, id_of])  # back to the task's class order
             else:
                 scaled, mean, std = _scaled_target(yc.float())
                 scales.append(torch.stack([mean, std]))
@@ -679,6 +720,15 @@ class ContextTabAdapter(ContextTabSpec, ModelAdapter):
         column's order means nothing to the model, which reads its name)."""
         return [dataclasses.replace(e, feature_order=None) for e in episodes]
 
+    def prediction_context(self, labels, n_rows: int, config: ModelConfig, seed: int) -> np.ndarray:
+        """Every training row up to ``max_context_rows``; past it the reference's draw, whatever the run's seed:
+        ``DataFrame.sample(max_context_rows, random_state=42)``, i.e. the first rows of
+        ``RandomState(42).permutation(n_rows)``, in that order (not stratified: a rare class may miss it)."""
+        cap = config.max_context_rows
+        if cap is None or n_rows <= cap:
+            return np.arange(n_rows)
+        return np.random.RandomState(REFERENCE_SEED).permutation(n_rows)[:cap]
+
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
@@ -688,23 +738,35 @@ class ContextTabAdapter(ContextTabSpec, ModelAdapter):
         Xc = torch.as_tensor(X_context, dtype=torch.float32, device=device)
         Xq_all = torch.as_tensor(X_query, dtype=torch.float32, device=device)
         y = torch.as_tensor(y_context, device=device)
-        if not task.is_classification:
+        if task.is_classification:
+            # the model reads the reference's class ids: id j is task class order[j]
+            order = reference_class_order(np.asarray(y_context))
+            n_ids = len(order)
+            id_of = np.zeros(task.n_classes, dtype=np.int64)
+            id_of[order] = np.arange(n_ids)
+            y = torch.as_tensor(id_of[np.asarray(y_context, dtype=np.int64)], device=device)
+        else:
             y, mean, std = _scaled_target(y.float())
         total = 0.0
         for member in range(config.n_estimators):
-            shift = member % task.n_classes if task.is_classification else 0
+            shift = member % n_ids if task.is_classification else 0
             parts = []
             for start in range(0, len(Xq_all), QUERY_CHUNK):
                 inputs = self._inputs(torch.cat([Xc, Xq_all[start:start + QUERY_CHUNK]]), len(Xc))
                 if task.is_classification:
-                    logits = module(**inputs, y_context=(y + shift) % task.n_classes, n_classes=task.n_classes)
+                    logits = module(**inputs, y_context=(y + shift) % n_ids, n_classes=n_ids)
                     parts.append(torch.softmax(logits.float() / config.softmax_temperature, dim=-1))
                 else:
                     parts.append(module(**inputs, y_context=y, regression=True).float() * std + mean)
             pred = torch.cat(parts).cpu().numpy()
             total = total + (class_shift_probs(pred, shift) if task.is_classification else pred)
         pred = total / config.n_estimators
-        return pred / pred.sum(axis=1, keepdims=True) if task.is_classification else pred
+        if not task.is_classification:
+            return pred
+        # to the task's classes; one the context lacks has no id and no probability, as in the reference
+        probs = np.zeros((len(pred), task.n_classes), dtype=pred.dtype)
+        probs[:, order] = pred
+        return probs / probs.sum(axis=1, keepdims=True)
 
     # -- LoRA ------------------------------------------------------------------------------------
     def lora_targets(self, module: nn.Module, prefixes):

@@ -20,7 +20,7 @@ from tabtune_cli.models.base import Task
 from tabtune_cli.models.contexttab import ContextTabAdapter, ContextTabConfig, load_contexttab_state
 
 ROOT = Path(os.environ.get("TABTUNE_PARITY_DIR", "runs/parity"))
-CASES = sorted(ROOT.glob("contexttab-*/io.safetensors"))
+CASES = sorted(p for p in ROOT.glob("contexttab-*/io.safetensors") if not p.parent.name.startswith("contexttab-defaults-"))
 TOLERANCE = 1e-4
 
 pytestmark = pytest.mark.parity

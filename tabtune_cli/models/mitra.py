@@ -23,7 +23,10 @@ outputs the unpadded one does (AutoGluon's CPU path ignores these masks). Withou
 padding, no mask is built and the computation is the reference's.
 
 Inference follows AutoGluon's ``MitraClassifier`` / ``MitraRegressor`` without
-fine-tuning: features constant over the context are dropped; the regression target is
+fine-tuning: numeric columns arrive as the user gave them (``raw_numbers``: tabtune's
+standardising would not matter to the quantile ranks, but its 4-sigma clipping makes
+outliers tie); a gap is filled with its column's mean over the context, then float32;
+features constant over the context are dropped; the regression target is
 min-max scaled to [0, 1] by the context; plain softmax over the task's classes
 (``softmax_temperature`` 1.0), members averaged; the context is capped at
 ``max_context_rows`` (8,192, AutoGluon's ``max_samples_support``) and queries go in
@@ -36,7 +39,13 @@ trains on); members past the first take seeded random signs, a random target mir
 (regression) and a cyclic class shift (classification). More than 10 classes go
 through tabtune's class hierarchy (AutoGluon refuses them). Features need no
 shuffling: attention across a row's tokens has no positions, so the output does not
-depend on column order.
+depend on column order. Two more of AutoGluon's choices are not taken: it runs the
+forward under bfloat16 autocast (``precision="bfloat16"``, on CPU too), tabtune in
+float32; and it fits its preprocessing (the gap means, the constant features, the
+regression target's min and max) on an 80% split of the training rows, a split
+meant for fine-tuning's validation, while every row is support; tabtune takes them
+from the support rows themselves (``tests/parity/test_mitra_defaults_parity.py``
+measures each).
 
 LoRA. Every projection is its own ``nn.Linear`` called as a module, so Hugging Face
 peft reaches them without patching. The seed's defaults ``x_embedding``, ``layers`` and
@@ -63,6 +72,18 @@ from .base import ModelAdapter, Task, class_shift_probs, load_weights
 from .specs.mitra import MitraConfig, MitraSpec, read_folder  # noqa: F401 (MitraConfig: re-exported)
 QUERY_CHUNK = 1024  # AutoGluon's max_samples_query
 N_QUANTILES = 999
+
+
+def fill_gaps(X_context: Tensor, X_query: Tensor) -> tuple[Tensor, Tensor]:
+    """``(..., rows, features)`` context and query with every gap (NaN, or a non-finite value) filled with its
+    column's mean over the context rows (0 for a column with no value there), computed in the inputs' dtype:
+    what AutoGluon's Mitra preprocessor does before anything else. The inputs are not modified."""
+    context_gaps = ~torch.isfinite(X_context)
+    if not context_gaps.any() and bool(torch.isfinite(X_query).all()):
+        return X_context, X_query
+    mean = torch.nanmean(torch.where(context_gaps, torch.nan, X_context), dim=-2, keepdim=True).nan_to_num(0.0)
+    return (torch.where(context_gaps, mean, X_context),
+            torch.where(torch.isfinite(X_query), X_query, mean))
 
 
 def quantile_normalise(x_support: Tensor, x_query: Tensor, padding_obs_support: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -280,6 +301,7 @@ class MitraAdapter(MitraSpec, ModelAdapter):
 
     def episode_logits(self, module, X_context: Tensor, y_context: Tensor, X_query: Tensor, task: Task,
                        config=None) -> Tensor:
+        X_context, X_query = fill_gaps(X_context, X_query)
         if task.is_classification:
             return module(X_context, y_context, X_query)[..., : task.n_classes]
         scaled, low, span = self._scale_target(y_context.float())
@@ -295,12 +317,14 @@ class MitraAdapter(MitraSpec, ModelAdapter):
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         module.eval()
-        varies = X_context.min(0) != X_context.max(0)
+        # gaps filled in the numbers' own precision (float64 from the pipeline), then float32 as AutoGluon's
+        X_context, X_query = fill_gaps(torch.as_tensor(X_context), torch.as_tensor(X_query))
+        varies = X_context.amin(0) != X_context.amax(0)
         if varies.sum() > self.max_features:
             raise TabTuneError(f"Mitra reads at most {self.max_features} features; this table has {int(varies.sum())} "
                                f"after preprocessing (drop columns with dataset.drop_columns)")
-        Xc = torch.as_tensor(X_context[:, varies], dtype=torch.float32, device=device)[None]
-        Xq_all = torch.as_tensor(X_query[:, varies], dtype=torch.float32, device=device)
+        Xc = X_context[:, varies].to(device=device, dtype=torch.float32)[None]
+        Xq_all = X_query[:, varies].to(device=device, dtype=torch.float32)
         y = torch.as_tensor(y_context, device=device)[None]
         if not task.is_classification:
             y, low, span = self._scale_target(y.float())

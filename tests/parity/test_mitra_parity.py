@@ -16,7 +16,7 @@ from tabtune_cli.models.base import Task
 from tabtune_cli.models.mitra import MitraAdapter
 
 ROOT = Path(os.environ.get("TABTUNE_PARITY_DIR", "runs/parity"))
-CASES = sorted(ROOT.glob("mitra-*/io.safetensors"))
+CASES = sorted(p for p in ROOT.glob("mitra-*/io.safetensors") if not p.parent.name.startswith("mitra-defaults-"))
 TOLERANCE = 1e-5
 
 pytestmark = pytest.mark.parity

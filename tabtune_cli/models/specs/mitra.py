@@ -52,6 +52,9 @@ class MitraSpec(ModelSpec):
     default_lora_prefixes = ("x_embedding", "layers", "final_layer")
 
     max_features = 500  # AutoGluon's limit for Mitra
+    # numbers reach the model as given (a gap as NaN): it reads each value only as its rank among the context's
+    # quantiles, which tabtune's standardising would keep but its 4-sigma clipping would not (clipped outliers tie)
+    raw_numbers = True
 
     def feature_limit(self, config: ModelConfig, strategy: str) -> int:
         return self.max_features

@@ -11,7 +11,8 @@ tabicl 2.2's ``EnsembleGenerator`` (a dependency already, for TabICL) computes t
 patterns come from a generator of their own, so the shuffled list of (feature order, class shift) pairs that
 the first 32 are taken from is another. ``WrapperMembers`` keeps tabicl's preprocessing and chooses the members
 as the wrappers do, so the same table gives the wrappers' members (``tests/parity``, ``make parity``).
-Unlike the wrappers, which refuse a table with a gap, tabicl's preprocessing fills gaps (the context's mean).
+Unlike the wrappers, which refuse a table with a gap, ``WrapperMembers`` first fills a gap with the context's mean
+(as tabicl's own estimator does).
 """
 
 from __future__ import annotations

@@ -91,7 +91,13 @@ def main() -> int:
             **result, "seconds": time.perf_counter() - started,
             "measured": f"{time.strftime('%Y-%m-%d %H:%M')}, {machine}"}}
         json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    results = saved() if args.only else results
+    render(out, saved() if args.only else results)
+    print(f"bench: wrote {out / 'results.md'}")
+    return 0
+
+
+def render(out: Path, results: dict) -> None:
+    """``results.md`` from the topics' results (``results.json``'s content), in the order of ``TOPICS``."""
     sections = []
     for topic in TOPICS:
         if topic not in results:
@@ -106,8 +112,6 @@ def main() -> int:
         "# tabtune benchmark\n\nWritten by `make bench` (every topic) or `make bench ONLY=a,b` (those topics; the "
         "others keep their last results). Each section ends with the command that reproduces it and when, on "
         "what and for how long it was measured; `results.json` holds the raw figures.\n\n" + "\n".join(sections))
-    print(f"bench: wrote {out / 'results.md'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -467,16 +467,12 @@ def class_shift_probs(probs: np.ndarray, shift: int) -> np.ndarray:
 
 
 def ensemble_predict(X_context: np.ndarray, y_context: np.ndarray, X_query: np.ndarray, task: Task,
-                     n_estimators: int, forward, chunk: int, logit_temperature: float | None = None) -> np.ndarray:
+                     n_estimators: int, forward, chunk: int) -> np.ndarray:
     """The mean over ``n_estimators`` members, each a feature order x a cyclic class shift, queries in chunks.
 
     ``forward(X_context, y_context, X_query)`` (numpy in) gives one chunk's class probabilities, or
-    point predictions for regression. Member 0 is the table as given. With ``logit_temperature``,
-    ``forward`` gives class logits instead, and the members' mean logits go through a softmax at that
-    temperature (the TabICL family's own wrappers average logits, not probabilities).
+    point predictions for regression. Member 0 is the table as given.
     """
-    from scipy.special import softmax
-
     rng = np.random.default_rng(0)
     n_features = X_context.shape[1]
     total = 0.0
@@ -489,6 +485,4 @@ def ensemble_predict(X_context: np.ndarray, y_context: np.ndarray, X_query: np.n
                                for start in range(0, len(X_query), chunk)])
         total = total + (class_shift_probs(pred, shift) if task.is_classification else pred)
     pred = total / n_estimators
-    if logit_temperature is not None:
-        return softmax(pred / logit_temperature, axis=1)
     return pred / pred.sum(axis=1, keepdims=True) if task.is_classification else pred

@@ -366,7 +366,7 @@ def test_validation_predicts_a_capped_stratified_subset_with_few_members(monkeyp
     X_train, y_train, _, _ = split
     seen = []
 
-    def fake_validate(adapter, module, task, train, val, model_config, device, seed, target_scale=None):
+    def fake_validate(adapter, module, task, train, val, model_config, device, seed, target_scale=None, name=None):
         seen.append((len(val.y), sorted(set(val.y.tolist())), model_config.n_estimators))
         return {"log_loss": 0.5}
 

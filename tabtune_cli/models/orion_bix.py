@@ -85,7 +85,7 @@ from tabicl._model.layers import ClassNode, MultiheadAttentionBlock, SkippableLi
 from tabicl._model.learning import ICLearning
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, StrategyConfig
 from ..errors import TabTuneError
 from . import orion_members
 from .base import ModelAdapter, Task, load_weights
@@ -500,7 +500,8 @@ class OrionBixAdapter(OrionBixSpec, ModelAdapter):
                        config=None) -> Tensor:
         """Each episode through the reference wrapper's members fitted on its context (``orion_members``), as
         ``predict`` sees it; ``config.n_estimators`` members (``strategy.train_n_estimators``)."""
-        config = config if config is not None else OrionBixConfig()
+        # no config (a caller outside the trainer): the trainer's members an episode, not prediction's 32
+        config = config if config is not None else OrionBixConfig(n_estimators=StrategyConfig.train_n_estimators)
         temperature = config.softmax_temperature or 0.9
 
         def forward(X, y):

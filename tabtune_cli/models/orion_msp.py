@@ -106,7 +106,7 @@ from tabicl._model.encoders import Encoder
 from tabicl._model.layers import MultiheadAttention, MultiheadAttentionBlock, OneHotAndLinear
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, StrategyConfig
 from ..errors import TabTuneError
 from . import orion_members
 from .base import ModelAdapter, Task, load_weights
@@ -509,7 +509,8 @@ class OrionMSPAdapter(OrionMSPSpec, ModelAdapter):
                        config=None) -> Tensor:
         """Each episode through the reference wrapper's members fitted on its context (``orion_members``), as
         ``predict`` sees it; ``config.n_estimators`` members (``strategy.train_n_estimators``)."""
-        config = config if config is not None else OrionMSPConfig()
+        # no config (a caller outside the trainer): the trainer's members an episode, not prediction's 32
+        config = config if config is not None else OrionMSPConfig(n_estimators=StrategyConfig.train_n_estimators)
         _set_isolation(module, config)
         temperature = config.softmax_temperature or 0.9
 

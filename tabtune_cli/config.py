@@ -281,16 +281,6 @@ def check_strategy(s: StrategyConfig) -> None:
 
 
 @dataclass
-class NanoArchitecture:
-    max_features: int = 100
-    max_classes: int = 10
-    d_model: int = 128
-    n_layers: int = 6
-    n_heads: int = 4
-    d_ff: int = 256
-
-
-@dataclass
 class PriorSettings:
     type: str = "mix_scm"
     tables_per_step: int = 32
@@ -306,9 +296,10 @@ class PriorSettings:
 
 @dataclass
 class PretrainConfig:
-    """``tabtune pretrain`` (conf/pretrain.yaml)."""
+    """``tabtune pretrain`` (conf/pretrain.yaml; each model's pretraining recipe in conf/pretrain_model/)."""
 
-    model: NanoArchitecture = field(default_factory=NanoArchitecture)
+    # ``name``: the model (its adapter); the other keys: its architecture, the constructor's arguments
+    model: Dict[str, Any] = field(default_factory=lambda: {"name": "nano"})
     prior: PriorSettings = field(default_factory=PriorSettings)
     steps: int = 20000
     stop_at: Optional[int] = None
@@ -323,6 +314,7 @@ class PretrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 250
     eval_tables: str = "../shared/datasets"
+    eval_settings: Dict[str, Any] = field(default_factory=dict)  # model.* keys of the zero-shot tracking
     out_dir: str = "runs/pretrain/nano"
     show_progress: bool = True
 

@@ -139,8 +139,13 @@ def test_cp_lists_copies_and_never_overwrites(tabtune, tmp_path):
 def test_every_shipped_config_copies_to_a_file_that_composes(name, tabtune, tmp_path):
     group, _, option = name.rpartition("/")
     target = f"my_conf/{group}/my_{option}.yaml" if group else f"my_conf/my_{name}.yaml"
-    assert tabtune("cp", name, target)[0] == 0
-    if group:
+    code, out, _ = tabtune("cp", name, target)
+    assert code == 0
+    if group == "pretrain_model":  # chosen on pretrain's command line as `model=`
+        assert f"use it: tabtune pretrain --config-dir my_conf model=my_{option}" in out
+        cfg, shipped = compose_train([f"{group}=my_{option}"], "pretrain", "my_conf"), \
+            compose_train([f"{group}={option}"], "pretrain")
+    elif group:
         cfg = compose_train([f"{group}=my_{option}", *([] if group == "debug" else ["debug=smoke"])], "train",
                             "my_conf")
         shipped = compose_train([f"{group}={option}", *([] if group == "debug" else ["debug=smoke"])])

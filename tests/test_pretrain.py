@@ -48,7 +48,7 @@ def test_pretraining_is_reproducible_and_resumes_where_it_stopped(tmp_path):
     saved = checkpoint.latest(tmp_path / "b" / "checkpoints")  # fine-tuning's checkpoint, one only
     assert saved.name == "step-00000004" and [p.name for p in saved.parent.iterdir()] == [saved.name]
     assert json.loads((saved / "state.json").read_text())["step"] == 4
-    architecture, weights = read_checkpoint(tmp_path / "b" / "nano-last.safetensors")
+    architecture, weights = read_checkpoint(tmp_path / "b" / "weights" / "nano.safetensors")
     assert architecture["d_model"] == 16 and weights  # loadable by the nano adapter as it is
 
 
@@ -92,3 +92,64 @@ def test_prior_min_rows_above_max_rows_is_one_line(tmp_path):
     assert result.stderr.strip().endswith(
         "tabtune: error: prior.min_rows: must be at least 2 and below prior.max_rows (256), got 300")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+TINY_TABICL = ["model=tabicl", "model.embed_dim=8", "model.col_num_blocks=1", "model.col_nhead=2",
+               "model.col_num_inds=4", "model.row_num_blocks=1", "model.row_nhead=2", "model.row_num_cls=2",
+               "model.icl_num_blocks=1", "model.icl_nhead=2", *TINY[4:]]
+
+
+def test_pretraining_tabicl_writes_a_checkpoint_that_tabicls_own_estimators_load(tmp_path):
+    import numpy as np
+    import torch
+    from sklearn.datasets import make_classification
+    from tabicl import FinetunedTabICLClassifier, TabICLClassifier
+
+    from tabtune_cli import TabularPipeline
+    from tabtune_cli.models.tabicl import TabICLAdapter
+
+    out = tmp_path / "tabicl"
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY_TABICL, "steps=3",
+                             "warmup_steps=1", f"out_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr
+    path = out / "weights" / "tabicl-classifier-v2-20260212.ckpt"
+    assert f"weights: {path}" in result.stdout
+    assert len(set(history(out, "loss"))) == 3  # it trained
+    saved = torch.load(path, weights_only=True)  # TabICL's container: {config, state_dict}, tensors only
+    assert saved["config"]["embed_dim"] == 8 and saved["config"]["max_classes"] == 10
+    state = json.loads((checkpoint.latest(out / "checkpoints") / "state.json").read_text())
+    assert state["model"] == "tabicl" and state["architecture"] == saved["config"]
+    torch.manual_seed(0)  # the run's seed: its random start, which three steps must have moved
+    start = TabICLAdapter().from_architecture(saved["config"]).state_dict()
+    assert any(not torch.equal(saved["state_dict"][k], start[k]) for k in start)
+
+    X, y = make_classification(240, 5, n_informative=3, random_state=0)
+    package = TabICLClassifier(model_path=str(path), device="cpu", allow_auto_download=False).fit(X[:160], y[:160])
+    ours = TabularPipeline(model_name="tabicl", model_params={"checkpoint": str(path)}, device="cpu",
+                           tuning_params={"show_progress": False}).fit(X[:160], y[:160])
+    np.testing.assert_allclose(ours.predict_proba(X[160:]), package.predict_proba(X[160:]), atol=1e-5)
+    tuned = FinetunedTabICLClassifier(model_path=str(path), allow_auto_download=False, device="cpu", epochs=1,
+                                      amp=False, n_estimators_inference=2).fit(X[:160], y[:160])
+    assert np.allclose(tuned.predict_proba(X[160:]).sum(1), 1.0)
+
+
+def test_a_run_folder_of_another_model_is_refused(tmp_path):
+    pretrain(tmp_path / "run", 1, tmp_path)  # nano
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY_TABICL, "steps=2",
+                             f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"tabtune: error: {tmp_path / 'run'} holds a pretraining run of nano, not tabicl; choose another out_dir")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model=tabpfn", "unknown model 'tabpfn' (available: nano, tabicl)"),
+    ("model.embed_dimm=3", "config key 'model.embed_dimm': Key 'embed_dimm' is not in struct"),
+])
+def test_a_model_tabtune_cannot_pretrain_or_a_misspelled_architecture_key_is_one_line(tmp_path, override,
+                                                                                        message):
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "model=tabicl", override],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == f"tabtune: error: {message}"

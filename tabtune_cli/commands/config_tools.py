@@ -100,10 +100,12 @@ def cp(argv: list[str]) -> int:
                            f"choose another (e.g. my_{target.name})")
     if not group:
         use = f"tabtune {TOP_CONFIGS[name]} --config {target} [overrides]"
-    elif target.parent.name == group:  # <folder>/<group>/<name>.yaml: an option of the folder's
-        use = f"tabtune train --config-dir {target.parent.parent} {group}={target.stem}"
-    else:
-        use = f"keep it as <folder>/{group}/<name>.yaml, then: tabtune train --config-dir <folder> {group}=<name>"
+    else:  # pretrain's model recipes are the group pretrain_model, chosen on its command line as `model=`
+        command, choice = ("pretrain", "model") if group == "pretrain_model" else ("train", group)
+        if target.parent.name == group:  # <folder>/<group>/<name>.yaml: an option of the folder's
+            use = f"tabtune {command} --config-dir {target.parent.parent} {choice}={target.stem}"
+        else:
+            use = f"keep it as <folder>/{group}/<name>.yaml, then: tabtune {command} --config-dir <folder> {choice}=<name>"
     lines = configs[name].read_text().splitlines(keepends=True)
     # Hydra reads directives (`# @package _global_`) only from the file's first lines: the note goes after them
     directives = next((i for i, line in enumerate(lines) if not re.match(r"\s*#\s*@", line)), len(lines))

@@ -1,4 +1,7 @@
-"""``tabtune pretrain``: pretrain nano on synthetic tables (conf/pretrain.yaml), resumable."""
+"""``tabtune pretrain``: pretrain an in-context model (nano, TabICL) on synthetic tables, resumable.
+
+``model=<name>`` picks the model's pretraining recipe, ``conf/pretrain_model/<name>.yaml`` (Hydra's ``model``
+group is ``train``'s model settings, so the command line's ``model=`` is this group's choice)."""
 
 from __future__ import annotations
 
@@ -39,27 +42,27 @@ def tracking_tables(folder: Path, rows: int = 1024, seed: int = 0) -> dict:
     return tables
 
 
-def make_evaluator(folder: Path):
-    """Zero-shot ROC AUC of the model on each tracking table (half context, half query), and their mean."""
+def make_evaluator(folder: Path, model_name: str, settings: dict):
+    """Zero-shot ROC AUC of the model on each tracking table (half context, half query), and their mean;
+    ``settings`` are the ``model.*`` keys the tracking predicts with (fewer members than a user's default)."""
     import torch
     from sklearn.metrics import roc_auc_score
 
     from ..models.base import Task
-    from ..models.nano import NanoAdapter, NanoConfig, View
+    from ..models.registry import get_adapter
 
     tables = tracking_tables(folder)
     if not tables:
         return None
-    # binary ROC AUC only: calibration (a monotone map of a binary score) would cost time and change nothing
-    adapter = NanoAdapter()
-    config = NanoConfig(n_estimators=1, softmax_temperature=1.0, preprocessing=[View.standard], calibrate=False)
+    adapter = get_adapter(model_name)
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(adapter.config_class), settings))
+    task = Task("classification", 2)
 
     def evaluate(model) -> dict:
         scores = {}
         for name, (X, y) in tables.items():
             half = len(y) // 2
-            proba = adapter.predict(model, X[:half], y[:half], X[half:], Task("classification", 2), config,
-                                    torch.device("cpu"))
+            proba = adapter.predict(model, X[:half], y[:half], X[half:], task, config, torch.device("cpu"))
             scores[name] = round(float(roc_auc_score(y[half:], proba[:, 1])), 4)
         scores["mean"] = round(float(np.mean(list(scores.values()))), 4)
         return scores
@@ -70,7 +73,11 @@ def make_evaluator(folder: Path):
 def run(argv: list[str]) -> int:
     import hydra
 
-    check_overrides(argv, "pretrain")
+    argv = [f"pretrain_model={arg[len('model='):]}" if arg.startswith("model=") else arg for arg in argv]
+    try:
+        check_overrides(argv, "pretrain")
+    except TabTuneError as exc:  # the group's name is the command line's `model`
+        raise TabTuneError(str(exc).replace("pretrain_model", "model")) from None
     sys.argv = ["tabtune pretrain", *argv]
     main = hydra.main(config_path=str(conf_dir()), config_name="pretrain", version_base="1.3")(one_line_errors(_job))
     main()
@@ -84,8 +91,8 @@ def _job(cfg: DictConfig) -> None:
         values = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception as exc:
         raise TabTuneError(str(exc).splitlines()[0]) from None
-    evaluate = make_evaluator(Path(values["eval_tables"]))
+    evaluate = make_evaluator(Path(values["eval_tables"]), values["model"]["name"], values["eval_settings"])
     if evaluate is None:
         print(f"no tracking tables in {values['eval_tables']}: zero-shot quality is not tracked", file=sys.stderr)
     result = pretrain(values, evaluate=evaluate)
-    print(f"pretrained to step {result.step}, loss {result.loss:.4f}; weights: {result.out_dir / 'nano-last.safetensors'}")
+    print(f"pretrained to step {result.step}, loss {result.loss:.4f}; weights: {result.weights}")

@@ -133,6 +133,13 @@ class ModelAdapter(ModelSpec):
         """Class probabilities (n_query, n_classes), or point predictions (n_query,) for regression."""
         raise NotImplementedError
 
+    def pretrain_logits(self, module: nn.Module, X: Tensor, y_context: Tensor, n_features: Tensor) -> Tensor:
+        """The training forward on a batch of synthetic tables as a prior draws them (``tabtune pretrain``):
+        ``X`` (B, rows, features) with the first ``y_context.shape[1]`` rows the context, ``n_features`` (B,)
+        the columns each table really has (the rest zero padding). Returns the query rows' outputs over the
+        whole head: (B, query rows, max_classes) logits, or the regression outputs ``episode_loss`` reads."""
+        raise TabTuneError(f"tabtune cannot pretrain {self.title} (no training forward on prior tables)")
+
     # -- tables ------------------------------------------------------------------------------
     def preprocessor(self, config: ModelConfig, text_columns: list | None = None, text_features: int = 8):
         """A fresh preprocessor for this model's tables (default: the shared one); ``fit(X, y)`` then ``transform``.

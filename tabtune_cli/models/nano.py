@@ -375,6 +375,10 @@ class NanoAdapter(NanoSpec, ModelAdapter):
             logits = logits + module(Xc, y_context, Xq)
         return (logits / len(config.preprocessing))[..., : task.n_classes]
 
+    def pretrain_logits(self, module, X: Tensor, y_context: Tensor, n_features: Tensor) -> Tensor:
+        n = y_context.shape[1]  # nano normalises each table by its context over its real columns only
+        return module(X[:, :n], y_context, X[:, n:], n_features=n_features)
+
     def one_hot_max_levels(self, config: ModelConfig) -> int:
         return config.one_hot_max_levels
 

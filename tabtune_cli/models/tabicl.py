@@ -250,6 +250,11 @@ class TabICLAdapter(TabICLSpec, ModelAdapter):
         diff = y_query.unsqueeze(-1) - outputs
         return torch.where(diff >= 0, alphas * diff, (alphas - 1) * diff).mean()
 
+    def pretrain_logits(self, module, X: Tensor, y_context: Tensor, n_features: Tensor) -> Tensor:
+        """tabicl's own pretraining forward (``tabicl.train``): the whole table in training mode, the padded
+        columns read as columns (``d=None``, its v2 default ``ignore_d``, which its feature grouping needs)."""
+        return module(X, y_context, d=None)
+
     @torch.no_grad()
     def predict(self, module, X_context, y_context, X_query, task: Task, config: ModelConfig, device) -> np.ndarray:
         """Class probabilities (n_query, n_classes) or values (n_query,): tabicl's estimator on tabtune's matrix."""

@@ -1,11 +1,13 @@
-"""Pretraining nano on synthetic tables: prior batches in, a checkpoint that resumes out.
+"""Pretraining an in-context model on synthetic tables: prior batches in, a checkpoint that resumes out.
 
-Every step's batch is drawn from tabicl's prior after seeding the global RNGs with
-``(seed, step)``, so a run is reproducible from its config and a resumed run sees
-the same tables it would have seen without the interruption. The resumable state is
-fine-tuning's own checkpoint (``checkpoint``: weights, optimizer, schedule, RNG states,
-in ``checkpoints/step-N/``, written whole); ``nano-last.safetensors`` beside it is the
-latest weights as a nano checkpoint, loadable by the nano adapter as is.
+The model is any adapter with a training forward on prior tables (``ModelAdapter.pretrain_logits``: nano,
+TabICL); the loss is the adapter's own ``episode_loss``, as in fine-tuning. Every step's batch is drawn
+from tabicl's prior after seeding the global RNGs with ``(seed, step)``, so a run is reproducible from its
+config and a resumed run sees the same tables it would have seen without the interruption. The resumable
+state is fine-tuning's own checkpoint (``checkpoint``: weights, optimizer, schedule, RNG states, in
+``checkpoints/step-N/``, written whole); ``weights/`` beside it holds the latest weights in the model's
+official format (``adapter.write_checkpoint``: ``nano.safetensors``, TabICL's ``{config, state_dict}``
+container), loadable by ``model.checkpoint=`` and, for TabICL, by tabicl's own estimators.
 """
 
 from __future__ import annotations
@@ -19,17 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from .. import rundir
 from ..errors import TabTuneError
-from ..models.nano import NanoICL
+from ..models.base import ModelAdapter, Task
+from ..models.registry import get_adapter
 from . import checkpoint
 from .trainer import _schedule
 
-# the weights to use (a nano checkpoint) and the folder the run resumes from (``checkpoint``)
-WEIGHTS, CHECKPOINTS = "nano-last.safetensors", "checkpoints"
+# the latest weights (the model's official checkpoint) and the folder the run resumes from (``checkpoint``)
+WEIGHTS, CHECKPOINTS = "weights", "checkpoints"
 
 
 def seed_everything(seed: int, step: int) -> None:
@@ -64,24 +65,38 @@ class PriorStream(torch.utils.data.IterableDataset):
             yield prior.get_batch()
 
 
-def batch_loss(model: NanoICL, X: torch.Tensor, y: torch.Tensor, d: torch.Tensor, train_sizes: torch.Tensor,
-               group: int) -> torch.Tensor:
-    """Mean query cross-entropy over the groups of a prior batch (a group shares its context size)."""
+def batch_loss(adapter: ModelAdapter, module, X: torch.Tensor, y: torch.Tensor, d: torch.Tensor,
+               train_sizes: torch.Tensor, group: int, task: Task) -> torch.Tensor:
+    """Mean query loss over the groups of a prior batch (a group shares its context size), each group cut to
+    the widest of its tables (the prior pads every table to ``max_features`` columns)."""
     losses = []
     for start in range(0, X.shape[0], group):
         sl = slice(start, start + group)
         n_ctx = int(train_sizes[start])
-        width = int(d[sl].max())
-        Xg, yg = X[sl, :, :width], y[sl].long()
-        logits = model(Xg[:, :n_ctx], yg[:, :n_ctx], Xg[:, n_ctx:], n_features=d[sl])
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yg[:, n_ctx:].reshape(-1)))
+        Xg, yg = X[sl, :, :int(d[sl].max())], y[sl]
+        y_context = yg[:, :n_ctx] if task.is_classification else yg[:, :n_ctx].float()
+        outputs = adapter.pretrain_logits(module, Xg, y_context, d[sl])
+        target = yg[:, n_ctx:].long() if task.is_classification else yg[:, n_ctx:].float()
+        losses.append(adapter.episode_loss(outputs, target, task))
     return torch.stack(losses).mean()
 
 
-def save_weights(model: NanoICL, architecture: dict, path: Path, extra: dict | None = None) -> None:
-    metadata = {"architecture": json.dumps(architecture), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    rundir.write_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+def build_module(cfg: dict) -> tuple[ModelAdapter, torch.nn.Module, dict]:
+    """``(adapter, module, architecture)`` of ``cfg["model"]``: ``name`` picks the adapter, the other keys are
+    the architecture (the constructor's arguments); a key the constructor does not take is one line."""
+    import re
+
+    settings = dict(cfg["model"])
+    adapter = get_adapter(settings.pop("name", "nano"))
+    try:
+        module = adapter.from_architecture(settings)
+    except TypeError as exc:
+        bad = re.search(r"argument '(\w+)'", str(exc))
+        if bad is None:
+            raise
+        raise TabTuneError(f"model.{bad.group(1)}: not an architecture setting of {adapter.title} "
+                           f"({str(exc).splitlines()[0]})") from None
+    return adapter, module, settings
 
 
 @dataclass
@@ -89,6 +104,7 @@ class PretrainResult:
     step: int
     loss: float
     out_dir: Path
+    weights: Path | None  # the latest weights, in the model's official checkpoint format
 
 
 def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
@@ -100,11 +116,11 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
         raise TabTuneError(f"prior.min_rows: must be at least 2 and below prior.max_rows ({rows[1]}), got {rows[0]}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    adapter, model, architecture = build_module(cfg)
+    task = Task("classification", int(cfg["prior"]["max_classes"]))
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    architecture = dict(cfg["model"])
-    torch.manual_seed(cfg["seed"])
-    model = NanoICL(**architecture)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg["scheduler"], cfg["warmup_steps"],
                                                                        cfg["steps"]))
@@ -112,6 +128,9 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
     saved = checkpoint.latest(out / CHECKPOINTS)
     if saved is not None:
         tensors, state = checkpoint.load(saved, optimizer=optimizer, scheduler=scheduler)
+        if state.get("model", "nano") != adapter.name:
+            raise TabTuneError(f"{out} holds a pretraining run of {state['model']}, not {adapter.name}; "
+                               f"choose another out_dir")
         if state["architecture"] != architecture:
             changed = sorted(k for k in set(state["architecture"]) | set(architecture)
                              if state["architecture"].get(k) != architecture.get(k))
@@ -145,7 +164,7 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
         for step, (X, y, d, _, train_sizes) in zip(range(start, end), batches):
             t_prior = time.perf_counter() - t0
             model.train()
-            loss = batch_loss(model, X, y, d, train_sizes, group)
+            loss = batch_loss(adapter, model, X, y, d, train_sizes, group, task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg["max_grad_norm"]:
@@ -161,11 +180,13 @@ def pretrain(cfg: dict, log=print, evaluate=None) -> PretrainResult:
                 log(f"step {step + 1}: zero-shot {record['zero_shot']}")
             rundir.append_jsonl(history, record)
             if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == end:
-                save_weights(model, architecture, out / WEIGHTS, {"step": step + 1})
+                adapter.write_checkpoint(model, architecture, task, out / WEIGHTS)
                 checkpoint.save(out / CHECKPOINTS, f"step-{step + 1:08d}", tensors={"model": model.state_dict()},
                                 optimizer=optimizer, scheduler=scheduler,
-                                state={"step": step + 1, "architecture": architecture, "loss": loss_value,
+                                state={"step": step + 1, "model": adapter.name, "architecture": architecture,
+                                       "loss": loss_value,
                                        "wall_seconds": earlier_seconds + time.perf_counter() - started})
             progress.update(bar, advance=1, status=f"loss {loss_value:.4f} {seconds:.2f}s/step")
             t0 = time.perf_counter()
-    return PretrainResult(step=max(start, end), loss=loss_value, out_dir=out)
+    written = sorted(p for p in (out / WEIGHTS).glob("*") if not p.name.startswith("."))  # not a .partial
+    return PretrainResult(step=max(start, end), loss=loss_value, out_dir=out, weights=(written or [None])[0])

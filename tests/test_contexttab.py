@@ -443,6 +443,7 @@ def test_the_table_keeps_numbers_dates_and_text_and_round_trips_through_json():
     assert np.isnan(X[3, 1]) and X[0, 1] == np.float32(frame.loc[0, "price"])
     # 2021-01-01 was a Friday: year 2021 -> 22, month 1, day 1, weekday 4 + 1
     np.testing.assert_array_equal(X[0, 2:6], [22, 1, 1, 5])
+
     # before freeze() an unseen string joins the vocabulary; a reloaded table reads the same matrix, and gives a
     # string it lacks a transient id past its end (that call's only), leaving the saved vocabulary as it was
     unseen = frame.iloc[100:].assign(size="XXL")
@@ -453,6 +454,17 @@ def test_the_table_keeps_numbers_dates_and_text_and_round_trips_through_json():
     assert again.state["vocabulary"] == saved and "XXL" not in json.dumps(again.to_json())
     again.transform(frame.iloc[:100])
     assert again.transient == []
+
+def test_dates_come_from_date_dtypes_only_and_date_strings_are_text_as_in_the_estimator():
+    from tabtune_cli.models.contexttab import ContextTabTable
+
+    frame, label = text_table()
+    frame["ordered_text"] = frame["ordered"].dt.strftime("%Y-%m-%d")  # a CSV's dates: strings
+    table = ContextTabTable().fit(frame, label)
+    kinds = {c["name"]: c["kind"] for c in table.state["columns"]}
+    assert kinds["ordered"] == "date" and kinds["ordered_text"] == "text"
+    X = table.transform(frame.iloc[:3])
+    assert [table.state["vocabulary"][int(v)] for v in X[:, -1]] == ["2021-01-01", "2021-01-04", "2021-01-07"]
 
 
 def tiny_pipeline(strategy="inference", model_params=None, **tuning):

@@ -73,9 +73,9 @@ Where tabtune reads a table differently, the estimator is the odd one: it drops 
 training rows only if it is constant in the query chunk too (so a query's answer depends on the other
 queries of its chunk; tabtune drops it), embeds a missing text cell as ``"None"`` or ``"<NA>"`` by its
 container (tabtune: ``"nan"`` always), reads nullable ``Int64`` / ``Float64`` columns as text, and orders
-classes with tied counts by an unstable sort (tabtune: the one seen first in the context). One is tabtune's
-choice: a column of date strings is read as dates here and as text by the estimator, which takes dates from
-date dtypes only. Fine-tuning episodes keep the column layout (no feature shuffling: the model reads each
+classes with tied counts by an unstable sort (tabtune: the one seen first in the context). Like the estimator,
+tabtune takes dates from date dtypes only: a column of date strings (as a CSV gives them) is text, embedded
+as the sentence encoder reads it. Fine-tuning episodes keep the column layout (no feature shuffling: the model reads each
 column's name) and the model's context mask.
 """
 
@@ -437,7 +437,7 @@ class ContextTabTable:
         self._transient_index: dict[str, int] = {}
 
     def fit(self, frame, y=None) -> "ContextTabTable":
-        from ..data.preprocess import _is_datetime_like, _json_value, declared_text_columns
+        from ..data.preprocess import _json_value, declared_text_columns
 
         columns, dropped = [], {}
         declared = declared_text_columns(frame, self.text_columns)
@@ -447,7 +447,9 @@ class ContextTabTable:
                 dropped[str(name)] = "constant"
                 continue
             numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
-            kind = "text" if name in declared else "date" if _is_datetime_like(col) else "number" if numeric else "text"
+            # dates from date dtypes only, as the estimator: a column of date strings is text to ContextTab
+            dated = pd.api.types.is_datetime64_any_dtype(col)
+            kind = "text" if name in declared else "date" if dated else "number" if numeric else "text"
             columns.append({"name": _json_value(name), "kind": kind})
         if not columns:
             raise TabTuneError(f"no usable feature columns: every column is constant or empty ({', '.join(dropped)})")

@@ -9,11 +9,9 @@ Two defaults of the wrapper are tabtune's too: the context's classes under the w
 shuffled with seed 42; with sorted ids these random weights answer up to 5.0e-1 and 3.4e-1 apart) and, past
 8,192 training rows, its draw ``sample(8192, random_state=42)`` (a stratified draw instead: 4.8e-4 apart).
 
-One difference is known and kept: a column of date strings (``"2021-03-04"``, as a CSV gives dates) is read
-by tabtune as dates (year, month, day, weekday embeddings) and by the wrapper as text (its tokenizer takes
-dates from date dtypes only and embeds every other string). The ``date-strings`` case is the ``mixed``
-table plus such a column; it is expected to differ (measured 1.1e-1 on these random weights; with that column
-read as text, 7e-7) until tabtune's ContextTab reads date strings as the wrapper does.
+A column of date strings (``"2021-03-04"``, as a CSV gives dates) is text to both: the wrapper's tokenizer takes
+dates from date dtypes only and embeds every other string (the ``date-strings`` case: the ``mixed`` table plus
+such a column; while tabtune read such a column as dates, the two differed by 1.1e-1 on these weights).
 """
 
 import json
@@ -31,7 +29,6 @@ from tabtune_cli import TabularPipeline
 ROOT = Path(os.environ.get("TABTUNE_PARITY_DIR", "runs/parity"))
 CASES = sorted(ROOT.glob("contexttab-defaults-*/io.safetensors"))
 TOLERANCE = 1e-4
-KNOWN = {"contexttab-defaults-date-strings": "date strings: tabtune reads dates, the wrapper embeds text"}
 
 pytestmark = pytest.mark.parity
 
@@ -59,8 +56,7 @@ def tables(io: Path):
 
 
 @pytest.mark.skipif(not CASES, reason=f"no reference answers under {ROOT} (run tests/parity/ref_contexttab_defaults.py)")
-@pytest.mark.parametrize("io", [pytest.param(p, id=p.parent.name, marks=pytest.mark.xfail(
-    p.parent.name in KNOWN, reason=KNOWN.get(p.parent.name, ""), strict=True)) for p in CASES])
+@pytest.mark.parametrize("io", [pytest.param(p, id=p.parent.name) for p in CASES])
 def test_no_setting_gives_the_reference_wrappers_answers(io):
     torch.set_num_threads(1)
     X_train, y_train, X_test, reference, classes, checkpoint = tables(io)

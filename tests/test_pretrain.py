@@ -52,14 +52,6 @@ def test_pretraining_is_reproducible_and_resumes_where_it_stopped(tmp_path):
     assert architecture["d_model"] == 16 and weights  # loadable by the nano adapter as it is
 
 
-def test_resuming_with_another_architecture_is_refused(tmp_path):
-    pretrain(tmp_path / "run", 1, tmp_path)
-    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY, "model.d_model=32", "steps=2",
-                             f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "holds a run of another architecture (model.d_model: 16 there, 32 asked)" in result.stderr
-
-
 def test_a_misspelled_pretrain_key_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "stepz=3"], cwd=tmp_path,
                             capture_output=True, text=True)
@@ -134,14 +126,17 @@ def test_pretraining_tabicl_writes_a_checkpoint_that_tabicls_own_estimators_load
     assert np.allclose(tuned.predict_proba(X[160:]).sum(1), 1.0)
 
 
-def test_a_run_folder_of_another_model_is_refused(tmp_path):
-    pretrain(tmp_path / "run", 1, tmp_path)  # nano
-    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY_TABICL, "steps=2",
-                             f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith(
-        f"tabtune: error: {tmp_path / 'run'} holds a pretraining run of nano, not tabicl; choose another out_dir")
+def test_a_run_folder_of_another_architecture_or_model_is_refused(tmp_path):
+    pretrain(tmp_path / "run", 1, tmp_path)  # nano, d_model 16
+    for args, message in (([*TINY, "model.d_model=32"], "holds a run of another architecture (model.d_model: 16 there, 32 "
+                                                  "asked); match it or choose another out_dir"),
+                          (TINY_TABICL, "holds a pretraining run of nano, not tabicl; choose another out_dir")):
+        result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *args, "steps=2",
+                                 f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
+        assert result.returncode == 2
+        assert result.stderr.strip().endswith(f"tabtune: error: {tmp_path / 'run'} {message}")
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step-00000001"  # the run is untouched
 
 
 @pytest.mark.parametrize("override,message", [
@@ -153,3 +148,25 @@ def test_a_model_tabtune_cannot_pretrain_or_a_misspelled_architecture_key_is_one
     result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", "model=tabicl", override],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == f"tabtune: error: {message}"
+
+
+def test_the_training_forward_on_prior_tables_is_the_adapters_and_a_model_without_one_is_refused():
+    import torch
+
+    from tabtune_cli.errors import TabTuneError
+    from tabtune_cli.models.base import Task
+    from tabtune_cli.models.registry import get_adapter
+
+    torch.manual_seed(0)
+    X, y = torch.randn(2, 20, 4), torch.randint(0, 3, (2, 20)).float()
+    nano = get_adapter("nano")
+    module = nano.from_architecture({"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32})
+    out = nano.pretrain_logits(module, X, y[:, :12], torch.tensor([4, 3]))
+    # nano's forward on the same split: context rows 0-11, query rows 12-19, each table's real columns
+    expected = module(X[:, :12], y[:, :12], X[:, 12:], n_features=torch.tensor([4, 3]))
+    assert torch.equal(out, expected) and out.shape == (2, 8, 10)
+    loss = nano.episode_loss(out, y[:, 12:].long(), Task("classification", 10))
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.reshape(-1, 10),
+                                                                          y[:, 12:].long().reshape(-1)).item())
+    with pytest.raises(TabTuneError, match=r"^tabtune cannot pretrain TabPFN \(no training forward on prior tables\)$"):
+        get_adapter("tabpfn").pretrain_logits(None, X, y[:, :12], torch.tensor([4, 3]))

@@ -74,10 +74,8 @@ def batch_loss(adapter: ModelAdapter, module, X: torch.Tensor, y: torch.Tensor, 
         sl = slice(start, start + group)
         n_ctx = int(train_sizes[start])
         Xg, yg = X[sl, :, :int(d[sl].max())], y[sl]
-        y_context = yg[:, :n_ctx] if task.is_classification else yg[:, :n_ctx].float()
-        outputs = adapter.pretrain_logits(module, Xg, y_context, d[sl])
-        target = yg[:, n_ctx:].long() if task.is_classification else yg[:, n_ctx:].float()
-        losses.append(adapter.episode_loss(outputs, target, task))
+        outputs = adapter.pretrain_logits(module, Xg, yg[:, :n_ctx], d[sl])
+        losses.append(adapter.episode_loss(outputs, yg[:, n_ctx:].long(), task))
     return torch.stack(losses).mean()
 
 

@@ -1,4 +1,5 @@
-"""tabtune pretrain: reproducible from its config, resumable, and its checkpoint is a nano checkpoint."""
+"""tabtune pretrain: reproducible from its config, resumable, and its weights are the model's official checkpoint
+(nano's safetensors, TabICL's container that tabicl's own estimators load)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=3
         "checkpoint_every=1", "eval_every=1000", "show_progress=false", "threads=1", "prior_workers=0", "prior.type=mlp_scm"]
 
 
+def run_pretrain(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``tabtune pretrain ARGS`` in a fresh process, no tracking tables."""
+    return subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TABTUNE_EVAL_TABLES": str(cwd / "none")})
+
+
 def pretrain(out: Path, steps: int, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY, f"steps={steps}",
-                             f"out_dir={out}", *extra], cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TABTUNE_EVAL_TABLES": str(cwd / "none")})
+    result = run_pretrain(cwd, *TINY, f"steps={steps}", f"out_dir={out}", *extra)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -101,9 +106,7 @@ def test_pretraining_tabicl_writes_a_checkpoint_that_tabicls_own_estimators_load
     from tabtune_cli.models.tabicl import TabICLAdapter
 
     out = tmp_path / "tabicl"
-    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *TINY_TABICL, "steps=3",
-                             "warmup_steps=1", f"out_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
+    result = run_pretrain(tmp_path, *TINY_TABICL, "steps=3", "warmup_steps=1", f"out_dir={out}")
     assert result.returncode == 0, result.stderr
     path = out / "weights" / "tabicl-classifier-v2-20260212.ckpt"
     assert f"weights: {path}" in result.stdout
@@ -131,9 +134,7 @@ def test_a_run_folder_of_another_architecture_or_model_is_refused(tmp_path):
     for args, message in (([*TINY, "model.d_model=32"], "holds a run of another architecture (model.d_model: 16 there, 32 "
                                                   "asked); match it or choose another out_dir"),
                           (TINY_TABICL, "holds a pretraining run of nano, not tabicl; choose another out_dir")):
-        result = subprocess.run([sys.executable, "-m", "tabtune_cli", "pretrain", *args, "steps=2",
-                                 f"out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                                env={**os.environ, "TABTUNE_EVAL_TABLES": str(tmp_path / "none")})
+        result = run_pretrain(tmp_path, *args, "steps=2", f"out_dir={tmp_path / 'run'}")
         assert result.returncode == 2
         assert result.stderr.strip().endswith(f"tabtune: error: {tmp_path / 'run'} {message}")
     assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step-00000001"  # the run is untouched

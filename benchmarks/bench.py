@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 # in the order results.md shows them
 TOPICS = ["startup", "inference_tabicl", "inference_tabpfn", "inference_tabdpt", "context_memory", "inference_nano",
-          "finetune_nano", "peft_memory", "flights", "precision", "distributed"]
+          "finetune_nano", "context_tuning", "peft_memory", "flights", "precision", "distributed"]
 
 
 def timed(call) -> tuple[float, object]:

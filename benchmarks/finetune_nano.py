@@ -98,7 +98,7 @@ def run_table(name: str, quick: bool, seed: int = 0, strategies=STRATEGIES, tuni
     rows = []
     for strategy in strategies:
         params = {"show_progress": False}
-        if strategy in ("base-ft", "peft"):
+        if strategy not in ("inference", "paired"):  # a training strategy
             params.update(QUICK_TUNING if quick else {}, **(tuning or {}).get(strategy, {}))
         model = {**(QUICK_MODEL if quick else {}), **(model_params or {})}
         started = time.perf_counter()

@@ -46,12 +46,6 @@ class TaskKind(str, Enum):
     regression = "regression"
 
 
-class StrategyName(str, Enum):
-    inference = "inference"
-    base_ft = "base-ft"
-    peft = "peft"
-
-
 class Objective(str, Enum):
     """The validation metric a sweep's job returns for its sweeper to optimise (``hparams_search``): ``auto``
     is the one training watches (log loss, or RMSE); the others are ``evaluation.metrics.METRICS``."""
@@ -69,44 +63,82 @@ class Objective(str, Enum):
     r2 = "r2"
 
 
+def conf_dir() -> Path:
+    """The config tree: inside the installed package, or ``conf/`` at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise TabTuneError(f"the config tree is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+def group_defaults(group: str, option: str) -> dict:
+    """The values of a shipped config option (``conf/<group>/<option>.yaml``), its defaults list followed
+    within its group as Hydra composes it (``peft.yaml`` over ``base-ft.yaml``; a ``/schema/...`` entry is
+    the option's type, not values), so the Python API starts from exactly what the command line composes."""
+    from omegaconf import OmegaConf
+
+    path = conf_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return {}
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    merged = {}
+    for parent in values.pop("defaults", None) or []:
+        if isinstance(parent, str) and parent != "_self_" and not parent.startswith("/"):
+            merged.update(group_defaults(group, parent))
+    return {**merged, **values}
+
+
+def recipe_defaults(model: str, strategy: str) -> dict:
+    """The strategy keys of the model's own recipe for ``strategy`` (``conf/recipe/<model>_<strategy>.yaml``, its
+    defaults list followed, as Hydra composes it); {} where the model has none (the strategy's defaults stand)."""
+    return group_defaults("recipe", f"{model}_{strategy}")
+
+
+# the training keys' defaults live in one place, conf/strategy/base-ft.yaml: StrategyConfig() is what a
+# base-ft run composes, and peft.yaml (and every training strategy's YAML) inherits from it
+_TRAINING = group_defaults("strategy", "base-ft")
+
+
 @dataclass
 class StrategyConfig:
-    """How the model is tuned; the keys are the Python API's ``tuning_params``."""
+    """How the model is tuned; the keys are the Python API's ``tuning_params``. The defaults are
+    ``conf/strategy/base-ft.yaml``'s (read from it: one place, with its comments on each key)."""
 
-    # a plain string (not the enum) so Hydra accepts the value spelling "base-ft"
-    name: str = "inference"
+    # a plain string so Hydra accepts the value spelling "base-ft"; the registry (strategies/) knows the names
+    name: str = "base-ft"
     # training comes in epochs of steps_per_epoch optimizer steps, each epoch ending in a validation pass
     # (early stopping counts epochs); so the amount of training does not grow or shrink with the table.
     # steps_per_epoch null: an epoch is one pass over the training rows (episodes of query_size rows)
-    epochs: int = 5
-    steps_per_epoch: Optional[int] = 50
-    learning_rate: float = 1e-4
-    batch_size: int = 4
-    optimizer: Optimizer = Optimizer.adamw
-    weight_decay: float = 0.0
-    scheduler: Scheduler = Scheduler.cosine
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: MixedPrecision = MixedPrecision.no
-    early_stopping_patience: Optional[int] = 3
-    context_size: int = 512
-    query_size: int = 128
+    epochs: int = _TRAINING["epochs"]
+    steps_per_epoch: Optional[int] = _TRAINING["steps_per_epoch"]
+    learning_rate: float = _TRAINING["learning_rate"]
+    batch_size: int = _TRAINING["batch_size"]
+    optimizer: Optimizer = Optimizer(_TRAINING["optimizer"])
+    weight_decay: float = _TRAINING["weight_decay"]
+    scheduler: Scheduler = Scheduler(_TRAINING["scheduler"])
+    warmup_steps: int = _TRAINING["warmup_steps"]
+    max_grad_norm: Optional[float] = _TRAINING["max_grad_norm"]
+    gradient_accumulation_steps: int = _TRAINING["gradient_accumulation_steps"]
+    mixed_precision: MixedPrecision = MixedPrecision(_TRAINING["mixed_precision"])
+    early_stopping_patience: Optional[int] = _TRAINING["early_stopping_patience"]
+    context_size: int = _TRAINING["context_size"]
+    query_size: int = _TRAINING["query_size"]
     # validation passes predict at most val_max_rows of the validation split (a seeded stratified subset;
     # null: all) with at most val_n_estimators ensemble members (null: the model's n_estimators)
-    val_max_rows: Optional[int] = 512
-    val_n_estimators: Optional[int] = 4
+    val_max_rows: Optional[int] = _TRAINING["val_max_rows"]
+    val_n_estimators: Optional[int] = _TRAINING["val_n_estimators"]
     # ensemble members a training episode goes through, for a model whose prediction preprocesses each member
     # (TabICL, TabPFN: their estimators' own members, as prediction fits them on the context); null: the
     # model's n_estimators
-    train_n_estimators: Optional[int] = 2
+    train_n_estimators: Optional[int] = _TRAINING["train_n_estimators"]
     # the validation metric early stopping watches and the best weights are kept by, per task kind
     # ({classification: roc_auc}); a kind not named watches the training objective's (log_loss, rmse)
-    early_stopping_metric: Dict[str, str] = field(default_factory=dict)
-    show_progress: bool = True
+    early_stopping_metric: Dict[str, str] = field(default_factory=lambda: dict(_TRAINING["early_stopping_metric"]))
+    show_progress: bool = _TRAINING["show_progress"]
     # recompute each repeated block's activations in the backward pass instead of keeping them (less
     # memory, about one more forward's time a step); the model adapter decides what its blocks are
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = _TRAINING["gradient_checkpointing"]
 
 
 @dataclass
@@ -164,46 +196,6 @@ class DatasetConfig:
     text_features: int = 8
 
 
-def conf_dir() -> Path:
-    """The config tree: inside the installed package, or ``conf/`` at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise TabTuneError(f"the config tree is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
-
-
-def group_defaults(group: str, option: str) -> dict:
-    """The values of a shipped config option (``conf/<group>/<option>.yaml``, without its defaults list),
-    so the Python API starts from exactly what the command line composes."""
-    from omegaconf import OmegaConf
-
-    path = conf_dir() / group / f"{option}.yaml"
-    if not path.is_file():
-        return {}
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    values.pop("defaults", None)
-    return values
-
-
-def recipe_defaults(model: str, strategy: str) -> dict:
-    """The strategy keys of the model's own recipe for ``strategy`` (``conf/recipe/<model>_<strategy>.yaml``, its
-    defaults list followed, as Hydra composes it); {} where the model has none (the strategy's defaults stand)."""
-    from omegaconf import OmegaConf
-
-    def load(option: str) -> dict:
-        path = conf_dir() / "recipe" / f"{option}.yaml"
-        if not path.is_file():
-            return {}
-        values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        merged = {}
-        for parent in values.pop("defaults", None) or []:
-            merged.update({} if parent == "_self_" else load(parent))
-        return {**merged, **values}
-
-    return load(f"{model}_{strategy}")
-
-
 def _coerce(name: str, hint: Any, value: Any, where: str) -> Any:
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     kind = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
@@ -254,12 +246,9 @@ def to_dict(obj) -> dict:
     return out
 
 
-def check_strategy(s: StrategyConfig) -> None:
-    """Reject contradictions a composed config can still hold, with the key at fault."""
-    allowed = [m.value for m in StrategyName]
-    if s.name not in allowed:
-        raise TabTuneError(f"unknown strategy {s.name!r} (available: {', '.join(allowed)})")
-    s.name = StrategyName(s.name)
+def check_strategy_values(s: StrategyConfig) -> None:
+    """Reject values of the training keys that cannot work, with the key at fault (the strategy's name and
+    its own keys are the strategy's to check: ``strategies.check_strategy``)."""
     positive = ["epochs", "steps_per_epoch", "batch_size", "gradient_accumulation_steps", "context_size",
                 "query_size", "val_max_rows", "val_n_estimators", "train_n_estimators"]
     for key in positive:
@@ -360,21 +349,13 @@ class LeaderboardConfig:
 
 # peft.LoraConfig's bias values
 LORA_BIASES = ("none", "all", "lora_only")
-# the strategy keys that still act when nothing trains
-_INFERENCE_STRATEGY_KEYS = ("name", "show_progress")
 
 
-def check_combination(model: ModelConfig, strategy: StrategyConfig, lora: LoraSettings, given: set[str]) -> list[str]:
-    """Return a warning for each setting in ``given`` that this combination ignores; a contradiction or a
-    value peft would refuse is a one-line TabTuneError naming the keys.
-
-    ``given`` holds the dotted keys the user set explicitly (``{"strategy.epochs", "lora.r"}``): the
-    command line's overrides, or the library's ``tuning_params``/``peft_config`` keys. Values are checked
-    whoever set them; only explicit keys are warned about, since every shipped default is harmless.
-    """
+def check_model_lora(model: ModelConfig, lora: LoraSettings, given: set[str]) -> list[str]:
+    """The model and LoRA keys' part of ``strategies.check_combination``: a warning for each key in ``given``
+    the model's settings make idle; a contradiction or a value peft would refuse is a one-line TabTuneError."""
     import numbers
 
-    name = strategy.name.value if isinstance(strategy.name, Enum) else str(strategy.name)
     if model.checkpoint is not None and not model.pretrained:
         raise TabTuneError(f"model.checkpoint={model.checkpoint!r} and model.pretrained=false contradict: random "
                            f"weights never read the checkpoint (drop one of them)")
@@ -393,24 +374,7 @@ def check_combination(model: ModelConfig, strategy: StrategyConfig, lora: LoraSe
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 0):
         raise TabTuneError(f"config key 'lora.lr_ratio': must be greater than 0 (or null), got {ratio!r}")
 
-    def listed(keys: list[str]) -> str:
-        return f"{keys[0]} is" if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]} are"
-
     warnings = []
-    if name == StrategyName.inference.value:
-        idle = sorted(k for k in given if k.startswith("strategy.")
-                      and k.split(".", 1)[1] not in _INFERENCE_STRATEGY_KEYS)
-        if idle:
-            warnings.append(f"{listed(idle)} ignored by strategy=inference: no training")
-    if name != StrategyName.peft.value:
-        idle = sorted(k for k in given if k.startswith("lora."))
-        if idle:
-            warnings.append(f"{listed(idle)} ignored by strategy={name}: only strategy=peft trains LoRA adapters")
-    elif model.adapters:
-        idle = sorted(k for k in given if k.startswith("lora."))
-        if idle:
-            warnings.append(f"{listed(idle)} ignored: model.adapters={model.adapters} brings its adapters with the "
-                            f"LoRA settings they were trained with")
     if "model.size" in given and model.pretrained:
         warnings.append("model.size is ignored with model.pretrained=true: a checkpoint has its own architecture "
                         "(sizes are for random weights)")

@@ -10,10 +10,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .config import (DatasetConfig, Device, LeaderboardConfig, LoraSettings, Objective, PretrainConfig,
-                     StrategyConfig, conf_dir)
+from .config import DatasetConfig, Device, LeaderboardConfig, LoraSettings, Objective, PretrainConfig, conf_dir
 from .errors import TabTuneError
 from .models.registry import SPECS
+from .strategies import STRATEGIES
 
 
 @dataclass
@@ -21,7 +21,7 @@ class TrainSchema:
     """The top of ``train.yaml``; each model group option brings its own schema for ``model``."""
 
     model: Any = None
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: Any = None  # each strategy group option brings its own schema (strategies.STRATEGIES)
     lora: LoraSettings = field(default_factory=LoraSettings)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     device: Device = Device.auto
@@ -38,6 +38,8 @@ def register() -> None:
     store.store(name="leaderboard_schema", node=LeaderboardConfig)
     for name, spec in SPECS.items():
         store.store(group="schema/model", name=name, node=spec.config_class)
+    for name, strategy in STRATEGIES.items():
+        store.store(group="schema/strategy", name=name, node=strategy.config_class)
     if not OmegaConf.has_resolver("tabtune.is_set"):
         OmegaConf.register_new_resolver("tabtune.is_set", lambda value: value is not None)
     if not OmegaConf.has_resolver("tabtune.models_help"):

@@ -26,8 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import rundir
-from .config import (Device, LoraSettings, StrategyConfig, StrategyName, check_combination, check_strategy, from_dict,
-                     group_defaults, recipe_defaults, to_dict)
+from .config import Device, LoraSettings, from_dict, group_defaults, recipe_defaults, to_dict
 from .data.checks import check_table, check_target
 from .data.dataset import file_sha256, infer_task
 from .data.preprocess import LabelEncoder
@@ -37,6 +36,7 @@ from .errors import TabTuneError
 from .evaluation.metrics import compute_metrics
 from .models.base import Task, load_weights, predict_classes
 from .models.registry import get_adapter
+from .strategies import check_combination, check_strategy, get_strategy
 from .tuning import lora
 from .tuning.trainer import Split, train
 
@@ -109,7 +109,8 @@ class TabularPipeline:
 
     # ---- configuration ---------------------------------------------------------------------
     def _configs(self, check: bool = True):
-        """Validated settings: ``(adapter, strategy, model config, lora settings, device, checkpoint path)``;
+        """Validated settings: ``(adapter, strategy, its config, model config, lora settings, device, checkpoint
+        path)``;
         ``check`` also warns of settings that will have no effect (not for a saved pipeline's own)."""
         adapter = get_adapter(self.model_name)
         tuning = dict(self.tuning_params or {})
@@ -124,15 +125,14 @@ class TabularPipeline:
             raise TabTuneError("peft_config given twice: as peft_config= and inside tuning_params; keep one")
         peft = dict(peft if peft is not None else self.peft_config or {})
         save_path = tuning.pop("save_checkpoint_path", None)
-        if save_path is not None and self.tuning_strategy == StrategyName.inference.value:
-            log.warning("save_checkpoint_path is ignored by strategy inference: no training, no best weights")
-        if self.tuning_strategy not in [s.value for s in StrategyName]:
-            raise TabTuneError(f"unknown strategy {self.tuning_strategy!r} "
-                               f"(available: {', '.join(s.value for s in StrategyName)})")
+        tuner = get_strategy(self.tuning_strategy)
+        if save_path is not None and not tuner.changes_weights:
+            log.warning(f"save_checkpoint_path is ignored by strategy {tuner.name}: no weight changes")
+            save_path = None
         # the strategy's defaults, then the model's own recipe for it (conf/recipe/), then the caller's keys
-        strategy = from_dict(StrategyConfig, {**group_defaults("strategy", self.tuning_strategy),
-                                              **recipe_defaults(adapter.name, self.tuning_strategy), **tuning,
-                                              "name": self.tuning_strategy}, "tuning_params")
+        strategy = from_dict(tuner.config_class, {**group_defaults("strategy", tuner.name),
+                                                  **recipe_defaults(adapter.name, tuner.name), **tuning,
+                                                  "name": tuner.name}, "tuning_params")
         check_strategy(strategy)
         model_params = {k: v for k, v in (self.model_params or {}).items() if k != "name"}
         model_config = from_dict(adapter.config_class, {**group_defaults("model", adapter.name), **model_params,
@@ -144,7 +144,7 @@ class TabularPipeline:
             log.warning(warning)
         if self.task_type not in ("auto", "classification", "regression"):
             raise TabTuneError(f"task_type: {self.task_type!r} is not one of: auto, classification, regression")
-        return adapter, strategy, model_config, lora_settings, device, save_path
+        return adapter, tuner, strategy, model_config, lora_settings, device, save_path
 
     # ---- fitting ---------------------------------------------------------------------------
     def fit(self, X: pd.DataFrame, y, X_val: pd.DataFrame | None = None, y_val=None, on_record=None,
@@ -158,10 +158,10 @@ class TabularPipeline:
         ``checkpoint_dir``: fine-tuning writes a resumable checkpoint there after every epoch, and a
         ``fit`` with the same data and settings on a folder that holds one resumes from it.
         """
-        adapter, strategy, model_config, lora_settings, self.device_name_, save_path = self._configs()
+        adapter, tuner, strategy, model_config, lora_settings, self.device_name_, save_path = self._configs()
         X, y = self._check_xy(X, y, "X")
         kind = infer_task(y) if self.task_type == "auto" else self.task_type
-        trains = strategy.name != StrategyName.inference
+        trains = tuner.trains
         if trains and X_val is None:
             joined = X.assign(__target__=y.to_numpy())
             rest, held = split_frame(joined, "__target__", fraction=0.1, stratify=kind == "classification",
@@ -169,7 +169,7 @@ class TabularPipeline:
             X, y = rest.drop(columns="__target__"), rest["__target__"].rename(y.name)
             X_val, y_val = held.drop(columns="__target__"), held["__target__"].rename(y.name)
         device = resolve_device(self.device_name_)
-        if strategy.name == StrategyName.peft:
+        if tuner.lora:
             # peft's imports (transformers) take seconds: done before the clock and the memory peak start,
             # so that a sweep's first job is measured as its others are
             import peft  # noqa: F401
@@ -195,7 +195,7 @@ class TabularPipeline:
             self.target_scale_ = (float(values.mean()), float(values.std(ddof=0)) or 1.0)
             y_train = self._scale(values.to_numpy())
             task = Task("regression")
-        adapter.check_task(task, strategy.name.value)
+        adapter.check_task(task, tuner.name)
         if lora_settings.r == "auto" and not model_config.adapters:  # adapters bring their own rank
             lora_settings.r = lora.auto_rank(len(X_train))
             log.info("lora.r=auto: r=%d for %d training rows", lora_settings.r, len(X_train))
@@ -206,30 +206,35 @@ class TabularPipeline:
                                                                     for k, v in module.state_dict().items()}
         self.provenance_ = provenance(adapter, model_config, task, X, y)
         self.base_sha256_ = base_sha256(self.provenance_, self._base_state_)
-        module, lora_settings = self._apply_strategy(adapter, module, strategy, model_config, lora_settings)
+        module, lora_settings = self._apply_strategy(adapter, module, tuner, strategy, model_config, lora_settings)
 
         self.adapter_, self.task_, self.module_, self.device_ = adapter, task, module, device
-        self.strategy_, self.model_config_, self.lora_settings_ = strategy, model_config, lora_settings
+        self.tuner_, self.strategy_, self.model_config_, self.lora_settings_ = tuner, strategy, model_config, lora_settings
         self.context_X_, self.context_y_ = X_train, y_train
-        self.train_result_, self.val_metrics_ = None, {}
+        self.train_result_, self.val_metrics_, self.learned_params_ = None, {}, 0
         self.target_name_ = str(y.name)
         if X_val is not None:
             X_val, y_val = self._check_xy(X_val, y_val, "X_val")
             val = Split(self.preprocessor_.transform(X_val), self._encode_target(y_val))
+            learned = None
             if trains:
+                learned = tuner.learned_context(adapter, task, strategy, X_train, y_train, self.seed, device)
                 on_best = None if save_path is None else lambda m: self._write_best(m, save_path)
                 self.train_result_ = train(adapter, module, task, Split(X_train, y_train), val, strategy,
                                            model_config, device, self.seed, on_record=on_record, on_best=on_best,
                                            lr_ratio=lora_settings.lr_ratio if self.is_peft else None,
                                            checkpoints=None if checkpoint_dir is None else Path(checkpoint_dir),
-                                           target_scale=None if task.is_classification else self.target_scale_)
+                                           target_scale=None if task.is_classification else self.target_scale_,
+                                           learned=learned)
+                self.learned_params_ = sum(p.numel() for _, p in learned.named_parameters()) if learned else 0
                 if save_path is not None:  # the restored best, also when no epoch beat the start
                     self._write_best(module, save_path)
             module.eval()
+            self.context_X_, self.context_y_ = tuner.final_context(learned, X_train, y_train)
             self.val_metrics_ = self.evaluate(X_val, y_val)
             self.val_metrics_.pop("predict_seconds")
-            self.context_X_ = np.concatenate([X_train, val.X])
-            self.context_y_ = np.concatenate([y_train, val.y])
+            self.context_X_, self.context_y_ = tuner.final_context(learned, np.concatenate([X_train, val.X]),
+                                                                   np.concatenate([y_train, val.y]))
         module.eval()
         self.preprocessor_.freeze()  # the context is built: what later tables bring is not part of the fit
         self.fit_seconds_ = time.perf_counter() - started
@@ -240,31 +245,24 @@ class TabularPipeline:
 
     @property
     def is_peft(self) -> bool:
-        return self.strategy_.name == StrategyName.peft
+        """Whether the pipeline trained (or loaded) LoRA adapters of its own."""
+        return self.tuner_.lora
 
-    def _apply_strategy(self, adapter, module, strategy, model_config, lora_settings):
+    def _apply_strategy(self, adapter, module, tuner, strategy, model_config, lora_settings):
         """``(module, lora settings)`` ready for ``strategy``: adapters from ``model.adapters`` (if set) and/or new
         ones, its repeated blocks recomputed in backward under ``strategy.gradient_checkpointing``. Adapters from
         another run keep the LoRA settings they were trained with, and those are what this run records."""
-        # base-ft trains what the model itself trains: a parameter built frozen (TabICL's fixed rotary
-        # frequencies) stays frozen, as in the model's own training
+        # what the model itself trains: a parameter built frozen (TabICL's fixed rotary frequencies) stays frozen
         learnable = {n for n, p in module.named_parameters() if p.requires_grad}
         if model_config.adapters:
             source = self._check_adapter_run(model_config.adapters, adapter)
-            module = lora.load(module, source, trainable=strategy.name == StrategyName.peft)
+            module = tuner.take_adapters(module, source)
             trained_with = json.loads((source / "pipeline.json").read_text()).get("peft_config")
             if trained_with:
                 lora_settings = from_dict(LoraSettings, trained_with, "lora")
-            if strategy.name != StrategyName.peft:  # folded in: inference and base-ft use plain weights
-                module = lora.fold(module)[0]
             log.info("adapters from %s", source)
-        if strategy.name == StrategyName.peft:
-            if not model_config.adapters:
-                module = lora.wrap(adapter, module, lora_settings)
-        else:
-            for name, p in module.named_parameters():
-                p.requires_grad_(strategy.name == StrategyName.base_ft and name in learnable)
-        if strategy.gradient_checkpointing and strategy.name != StrategyName.inference:
+        module = tuner.prepare(adapter, module, learnable, lora_settings, bool(model_config.adapters))
+        if tuner.trains and strategy.gradient_checkpointing:
             adapter.set_gradient_checkpointing(module, True)
         return module, lora_settings
 
@@ -293,13 +291,7 @@ class TabularPipeline:
 
     def _write_best(self, module, path) -> None:
         """``save_checkpoint_path``: the best weights so far, as safetensors whatever the file name says."""
-        if self.is_peft:
-            from peft import get_peft_model_state_dict
-
-            state = get_peft_model_state_dict(module)
-        else:
-            state = module.state_dict()
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.tuner_.trained_state(module).items()}
         rundir.write_file(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "safetensors"}))
 
     def _check_xy(self, X, y, name):
@@ -377,7 +369,7 @@ class TabularPipeline:
         self._check_fitted()
         params = list(self.module_.parameters())
         out = {**self.fitted_on_, "fit_seconds": self.fit_seconds_, "peak_memory_mb": self.peak_memory_mb_,
-               "trainable_params": int(sum(p.numel() for p in params if p.requires_grad)),
+               "trainable_params": int(sum(p.numel() for p in params if p.requires_grad) + self.learned_params_),
                "total_params": int(sum(p.numel() for p in params)), "rows": dict(self.rows_)}
         if self.train_result_ is not None:
             r = self.train_result_
@@ -405,19 +397,13 @@ class TabularPipeline:
 
     def _save_folder(self, path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        strategy = self.strategy_.name
         staging = Path(tempfile.mkdtemp(prefix=".save-", dir=path))
-        weights = None
         try:
-            if strategy == StrategyName.base_ft or (self.model_config_.adapters and not self.is_peft):
-                weights = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
-            elif self._base_state_ is not None:
-                weights = self._base_state_
+            weights = self.tuner_.weights_to_save(self.module_, self._base_state_, bool(self.model_config_.adapters))
             if weights is not None:
+                weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
                 save_file(weights, staging / "model.safetensors")
-            if self.is_peft:
-                self.module_.save_pretrained(staging)
-                (staging / "README.md").unlink(missing_ok=True)  # peft's empty card; ours is written below
+            self.tuner_.save_extra(self.module_, staging)
             for stale in WEIGHT_FILES - {p.name for p in staging.iterdir()}:
                 (path / stale).unlink(missing_ok=True)
             save_file({"X": torch.as_tensor(self.context_X_), "y": torch.as_tensor(self.context_y_)},
@@ -432,7 +418,7 @@ class TabularPipeline:
             "format": FORMAT_VERSION, "model_name": self.adapter_.name, "task": {"kind": self.task_.kind,
                                                                                   "n_classes": self.task_.n_classes},
             "target": getattr(self, "target_name_", None),
-            "tuning_strategy": strategy.value, "tuning_params": to_dict(self.strategy_),
+            "tuning_strategy": self.tuner_.name, "tuning_params": to_dict(self.strategy_),
             "model_params": to_dict(self.model_config_), "peft_config": to_dict(self.lora_settings_),
             "device": self.device_name_, "seed": self.seed, "architecture": self.architecture_,
             "text_columns": self.text_columns, "text_features": self.text_features,
@@ -469,7 +455,7 @@ class TabularPipeline:
         self = cls(meta["model_name"], meta["task"]["kind"], meta["tuning_strategy"], tuning, meta["model_params"],
                    meta["peft_config"], device or meta["device"], meta["seed"], meta.get("text_columns"),
                    meta.get("text_features", 8))
-        adapter, strategy, model_config, lora_settings, self.device_name_, _ = self._configs(check=False)
+        adapter, tuner, strategy, model_config, lora_settings, self.device_name_, _ = self._configs(check=False)
         task = Task(meta["task"]["kind"], meta["task"]["n_classes"])
         self.device_ = resolve_device(self.device_name_)
         self._base_state_ = None
@@ -478,17 +464,16 @@ class TabularPipeline:
             module = adapter.from_architecture(meta["architecture"])
             state = read_safetensors(path / "model.safetensors")
             load_weights(module, state, path / "model.safetensors")
-            if strategy.name != StrategyName.base_ft:
+            if not tuner.saves_trained_weights():
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
         else:
             _check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)
             module, _ = adapter.build(model_config, task)
         module.to(self.device_)
-        if strategy.name == StrategyName.peft:
-            module = lora.load(module, path)
+        module = tuner.restore(module, path)
         module.eval()
         self.adapter_, self.task_, self.module_, self.architecture_ = adapter, task, module, meta["architecture"]
-        self.strategy_, self.model_config_, self.lora_settings_ = strategy, model_config, lora_settings
+        self.tuner_, self.strategy_, self.model_config_, self.lora_settings_ = tuner, strategy, model_config, lora_settings
         self.preprocessor_ = adapter.preprocessor_from_json(json.loads((path / "preprocessor.json").read_text()),
                                                             model_config)
         context = read_safetensors(path / "context.safetensors")
@@ -498,7 +483,7 @@ class TabularPipeline:
         if meta["target_scale"] is not None:
             self.target_scale_ = tuple(meta["target_scale"])
         self.target_name_ = meta.get("target")
-        self.train_result_ = None
+        self.train_result_, self.learned_params_ = None, 0
         self.val_metrics_ = meta.get("val_metrics", {})
         self.provenance_ = meta.get("provenance", {})
         self.fit_seconds_ = meta["summary"]["fit_seconds"]

@@ -6,8 +6,10 @@ or network is needed and the whole suite stays fast.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 # The suite never reaches the Hugging Face Hub: official checkpoints are written by the tests, and the download
 # path is tested against a local mirror (test_downloads.py) in processes that set their own HF_* variables.
@@ -34,6 +36,9 @@ TUNE_PARAMS = {
              "learning_rate": 3e-3, "scheduler": "constant", "warmup_steps": 0, "show_progress": False,
              "early_stopping_metric": {}},
     "inference": {"show_progress": False},
+    "context": {"epochs": 5, "steps_per_epoch": 7, "context_size": 64, "query_size": 32, "batch_size": 1,
+                "learning_rate": 3e-2, "scheduler": "constant", "warmup_steps": 0, "show_progress": False,
+                "early_stopping_metric": {}, "context_rows": 16},
 }
 
 SEED = 0
@@ -144,3 +149,85 @@ def tabtune(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["tabtune"])  # train hands sys.argv to Hydra
     return lambda *args: cli(capsys, *args)
+
+
+def assert_picture(path) -> None:
+    """``path`` is a PNG that decodes to a picture with something drawn on it (not a blank canvas)."""
+    from matplotlib.image import imread
+
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n", path
+    pixels = imread(path)[..., :3]
+    assert pixels.shape[0] >= 200 and pixels.shape[1] >= 200, (path, pixels.shape)
+    background = np.median(pixels.reshape(-1, 3), axis=0)
+    drawn = (np.abs(pixels - background).sum(axis=-1) > 0.1).mean()
+    assert drawn > 0.01, (path, f"only {drawn:.2%} of the pixels differ from the background")
+
+
+# ---- a finished command-line run -----------------------------------------------------------------
+
+def breast_cancer() -> tuple[pd.DataFrame, str]:
+    from tabtune_cli.data.builtin import TARGET, load_builtin
+
+    return load_builtin("breast_cancer"), TARGET
+
+
+def check_run(run_dir: Path, strategy: str, frame: pd.DataFrame, target: str) -> dict:
+    """A finished run's promises; ``frame`` is the table it read (its test rows are ``predictions.parquet``'s
+    ``row``), ``target`` its label column."""
+    from tabtune_cli import TabularPipeline, rundir
+    from tabtune_cli.config import recipe_defaults
+    from tabtune_cli.evaluation.metrics import compute_metrics
+
+    assert rundir.is_complete(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    predictions = pd.read_parquet(run_dir / "predictions.parquet")
+    classes = [c[len("proba_"):] for c in predictions.columns if c.startswith("proba_")]
+    proba = predictions[[f"proba_{c}" for c in classes]].to_numpy()
+    # the test metrics are the predictions' own, scored against the table's labels
+    truth = frame.loc[predictions["row"].astype(int), target].astype(str).to_numpy()
+    assert list(predictions["target"].astype(str)) == list(truth)
+    again = compute_metrics("classification", np.searchsorted(classes, truth), proba)
+    for key, value in again.items():
+        if value is not None:
+            assert metrics["test"][key] == pytest.approx(value, abs=1e-9), key
+    assert metrics["rows"]["test"] == len(predictions)
+    assert metrics["total_params"] > 0
+    # the device the run used, not the setting (device=auto would not say): smoke runs set device=cpu, and the
+    # run's manifest and saved pipeline say the same
+    manifest = json.loads((run_dir / "run.json").read_text())
+    saved = json.loads((run_dir / "pipeline.json").read_text())
+    assert metrics["device"] == manifest["device"] == saved["summary"]["device"] == "cpu" and "gpu" not in metrics
+    config = (run_dir / "config.yaml").read_text()
+    assert "${" not in config and f"name: {strategy}" in config
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"preprocessor.json", "train.log", "context.safetensors"} <= files
+    assert ("history.jsonl" in files) == (strategy != "inference")
+    if strategy == "inference":
+        assert metrics["trainable_params"] == 0 and "adapter_model.safetensors" not in files
+    if strategy == "base-ft":
+        # every weight but the few the model builds frozen (TabICL's 4 fixed rotary frequencies, OrionMSP's 12)
+        frozen = metrics["total_params"] - metrics["trainable_params"]
+        assert 0 <= frozen <= 0.001 * metrics["total_params"] and "model.safetensors" in files
+    if strategy == "peft":
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+        assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    if strategy != "inference":
+        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        # the watched metric is the model's recipe's (ROC AUC where it follows tabicl's and tabpfn's fine-tuners)
+        model = run_dir.name.split("_")[1]
+        recipe = recipe_defaults(model, strategy).get("early_stopping_metric") or {}
+        watched = metrics["training"]["val_metric"]
+        assert watched == recipe.get("classification", "log_loss"), (run_dir.name, watched)
+        assert any("loss" in h for h in history) and any(f"val_{watched}" in h for h in history)
+        assert_picture(run_dir / "training.png")
+    else:
+        assert not (run_dir / "training.png").exists()
+    assert not any(p.suffix in (".pkl", ".pickle", ".pt") for p in run_dir.iterdir())
+    assert not list(run_dir.glob(".*partial"))
+    # the saved run reloads and reproduces its own test predictions
+    pipeline = TabularPipeline.load(run_dir)
+    assert pipeline.tuning_strategy == strategy and list(pipeline.classes_) == classes
+    rows = frame.loc[predictions["row"].astype(int)].drop(columns=target)
+    np.testing.assert_allclose(pipeline.predict_proba(rows), proba, atol=1e-6, rtol=0)
+    return metrics

@@ -59,7 +59,7 @@ def test_contradictions_and_bad_values_are_one_line_errors(split, kwargs, messag
 
 def test_library_defaults_are_the_command_lines(caplog):
     pipe = TabularPipeline(tuning_strategy="peft")
-    adapter, strategy, model, lora_settings, device, _ = pipe._configs()
+    adapter, _, strategy, model, lora_settings, device, _ = pipe._configs()
     assert adapter.name == "nano"  # conf/train.yaml's default model
     for key, value in group_defaults("strategy", "peft").items():
         got = getattr(strategy, key)
@@ -224,9 +224,14 @@ def test_the_guides_leaderboard_ranks_and_keeps_failures(split):
     board.add_model("nosuchmodel", "inference", name="broken")
     board.contenders["LR"] = "logistic_regression"
     results = board.run(rank_by="roc_auc")
+    assert list(results["contender"]) == ["LR", "tiny", "broken"] and list(results.index) == [1, 2, 3]
+    # each score is the contender's own, as a fit of its own gives it
+    alone = fit_pipeline("inference", X_train, y_train).evaluate(X_test, y_test)
+    scores = results.set_index("contender")
+    assert scores.loc["tiny", "roc_auc"] == pytest.approx(alone["roc_auc"], abs=1e-9)
+    assert scores.loc["tiny", "log_loss"] == pytest.approx(alone["log_loss"], abs=1e-9)
+    assert scores.loc["LR", "roc_auc"] > scores.loc["tiny", "roc_auc"]  # the ranking follows the scores
     ranking = board.get_ranking()
-    assert list(ranking["contender"]) == ["LR", "tiny", "broken"] and list(ranking.index) == [1, 2, 3]
-    assert results.equals(ranking)
     broken = ranking.set_index("contender").loc["broken"]
     assert "unknown model 'nosuchmodel'" in broken["error"] and np.isnan(broken["accuracy"])
     assert board.get_ranking("log_loss")["contender"].iloc[-1] == "broken"
@@ -250,7 +255,8 @@ def test_settings_that_would_be_dropped_are_warned_and_adapters_record_their_own
     assert (saved["peft_config"]["r"], saved["peft_config"]["lora_alpha"]) == (2, 4)
     assert json.loads((tmp_path / "more" / "adapter_config.json").read_text())["r"] == 2
     caplog.clear()
-    from tabtune_cli.config import LoraSettings, ModelConfig, StrategyConfig, check_combination
+    from tabtune_cli.config import LoraSettings, ModelConfig, StrategyConfig
+    from tabtune_cli.strategies import check_combination
 
     warned = check_combination(ModelConfig(checkpoint="x.ckpt", size="small", allow_download=False),
                                StrategyConfig(name="inference"), LoraSettings(),

@@ -18,10 +18,11 @@ import yaml
 
 from tabtune_cli import TabularPipeline, rundir
 from tabtune_cli.commands.train import plain_configs
-from tabtune_cli.config import recipe_defaults
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.hydra_conf import compose_train, conf_dir
 from tabtune_cli.models.registry import ADAPTERS, SPECS
+
+from conftest import breast_cancer, check_run
 
 TABTUNE = [sys.executable, "-m", "tabtune_cli"]
 # the foundation tests drive TabICL (the default model is nano, tested below and in test_adapters)
@@ -95,54 +96,6 @@ def tables(tmp_path_factory):
     return root
 
 
-def check_run(run_dir: Path, strategy: str) -> dict:
-    assert rundir.is_complete(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    test = metrics["test"]
-    for key in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "brier", "ece"):
-        assert 0.0 <= test[key] <= 2.0, key
-    assert test["log_loss"] > 0 and 0.0 <= test["roc_auc"] <= 1.0
-    assert metrics["rows"]["test"] == len(pd.read_parquet(run_dir / "predictions.parquet"))
-    assert metrics["total_params"] > 0
-    # the device the run used, not the setting (device=auto would not say): smoke runs set device=cpu, and the
-    # run's manifest and saved pipeline say the same
-    manifest = json.loads((run_dir / "run.json").read_text())
-    saved = json.loads((run_dir / "pipeline.json").read_text())
-    assert metrics["device"] == manifest["device"] == saved["summary"]["device"] == "cpu" and "gpu" not in metrics
-    config = (run_dir / "config.yaml").read_text()
-    assert "${" not in config and f"name: {strategy}" in config
-    files = {p.name for p in run_dir.iterdir()}
-    assert {"preprocessor.json", "history.jsonl", "train.log"} <= files if strategy != "inference" else True
-    if strategy == "inference":
-        assert metrics["trainable_params"] == 0 and "adapter_model.safetensors" not in files
-    if strategy == "base-ft":
-        # every weight but the few the model builds frozen (TabICL's 4 fixed rotary frequencies, OrionMSP's 12)
-        frozen = metrics["total_params"] - metrics["trainable_params"]
-        assert 0 <= frozen <= 0.001 * metrics["total_params"] and "model.safetensors" in files
-    if strategy == "peft":
-        assert {"adapter_model.safetensors", "adapter_config.json"} <= files
-        assert 0 < metrics["trainable_params"] < metrics["total_params"]
-    if strategy != "inference":
-        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-        # the watched metric is the model's recipe's (ROC AUC where it follows tabicl's and tabpfn's fine-tuners)
-        model = run_dir.name.split("_")[1]
-        recipe = recipe_defaults(model, strategy).get("early_stopping_metric") or {}
-        watched = metrics["training"]["val_metric"]
-        assert watched == recipe.get("classification", "log_loss"), (run_dir.name, watched)
-        assert any("loss" in h for h in history) and any(f"val_{watched}" in h for h in history)
-        assert (run_dir / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    else:
-        assert not (run_dir / "training.png").exists()
-    assert not any(p.suffix in (".pkl", ".pickle", ".pt") for p in run_dir.iterdir())
-    assert not list(run_dir.glob(".*partial"))
-    # the saved run reloads and reproduces its own test predictions
-    predictions = pd.read_parquet(run_dir / "predictions.parquet")
-    proba_cols = [c for c in predictions.columns if c.startswith("proba_")]
-    pipeline = TabularPipeline.load(run_dir)
-    assert pipeline.tuning_strategy == strategy
-    return metrics | {"_proba": predictions[proba_cols].to_numpy()}
-
-
 @pytest.mark.parametrize("source", ["builtin", "csv", "parquet"])
 def test_train_each_strategy_end_to_end(source, tables, tmp_path):
     data = {"builtin": ["dataset=wine"],
@@ -152,8 +105,14 @@ def test_train_each_strategy_end_to_end(source, tables, tmp_path):
     assert result.returncode == 0, result.stderr
     dirs = run_dirs(tmp_path / "runs" / "multirun")
     assert [d.name.split("_", 1)[1] for d in dirs] == ["tabicl_inference", "tabicl_base-ft", "tabicl_peft"]
+    if source == "builtin":
+        from tabtune_cli.data.builtin import TARGET, load_builtin
+
+        frame, target = load_builtin("wine"), TARGET
+    else:
+        frame, target = pd.read_csv(tables / "table.csv"), "label"
     for run_dir, strategy in zip(dirs, ["inference", "base-ft", "peft"]):
-        check_run(run_dir, strategy)
+        check_run(run_dir, strategy, frame, target)
     assert "run directory:" in result.stdout and "roc_auc" in result.stdout
     assert " ".join(result.stdout.split()).count("device │ cpu") == 3  # each run's summary names its device
 
@@ -253,7 +212,7 @@ def test_a_diverging_run_stops_there_and_keeps_its_best_weights(tmp_path):
     assert training["stopped"].startswith("training diverged at epoch 1, step ")
     assert "keeping the best weights so far (epoch 0)" in training["stopped"] and training["best_epoch"] == 0
     assert "training diverged at epoch 1" in " ".join(result.stdout.split())  # said in the summary, not only the log
-    check_run(run_dir, "base-ft")  # finite metrics from the starting weights
+    check_run(run_dir, "base-ft", *breast_cancer())  # finite metrics from the starting weights
     assert rundir.is_complete(run_dir)
 
 
@@ -264,15 +223,16 @@ def test_smoke_runs_every_model_through_every_strategy(model, tables, tmp_path):
     assert result.returncode == 0, result.stderr
     dirs = run_dirs(tmp_path / "runs" / "multirun")
     assert [d.name.split("_", 1)[1] for d in dirs] == [f"{model}_{s}" for s in ("inference", "base-ft", "peft")]
+    frame = pd.read_csv(tables / "table.csv")
     for run_dir, strategy in zip(dirs, ["inference", "base-ft", "peft"]):
-        check_run(run_dir, strategy)
+        check_run(run_dir, strategy, frame, "label")
 
 
 def test_help_and_ls_list_what_exists(tmp_path):
     top = tabtune("--help", cwd=tmp_path)
     assert top.returncode == 0 and "train" in top.stdout and "ls" in top.stdout
     train_help = tabtune("train", "--help", cwd=tmp_path)
-    assert "strategy: base-ft, inference, peft" in train_help.stdout
+    assert "strategy: base-ft, context, inference, peft" in train_help.stdout
     assert f"model: {', '.join(sorted(SPECS))}" in train_help.stdout
     assert "hydra/launcher: basic, joblib, ray_cluster, slurm" in train_help.stdout
     assert "schema/" not in train_help.stdout  # the typed schemas are ours, not options to pick
@@ -409,3 +369,14 @@ def test_the_other_top_configs_compose_typed(config_name, key, bad):
     assert isinstance(cfg[key], int)
     with pytest.raises(TabTuneError, match=f"'{key}'"):
         compose_train([f"{key}={bad}"], config_name)
+
+
+def test_every_command_answers_help_with_its_usage(tmp_path):
+    """CONTRIBUTING.md's checklist for a command: a row in COMMANDS answers --help (exit 0, its usage)."""
+    from tabtune_cli.cli import COMMANDS
+
+    for name in COMMANDS:
+        result = tabtune(name, "--help", cwd=tmp_path)
+        assert result.returncode == 0, (name, result.stderr)
+        assert f"tabtune {name}" in result.stdout or name == "ls", (name, result.stdout[:200])
+    assert "strategies (strategy=<name>)" in tabtune("ls", cwd=tmp_path, env={"COLUMNS": "200"}).stdout

@@ -21,9 +21,10 @@ from tabtune_cli.evaluation.metrics import METRICS, direction
 from tabtune_cli.evaluation.report import varying_keys
 from tabtune_cli.hydra_conf import compose_train, conf_dir
 
+from conftest import assert_picture
+
 TABTUNE = [sys.executable, "-m", "tabtune_cli"]
 SMOKE = ["debug=smoke", "model=tabicl", "strategy=peft", "dataset=iris"]
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tabtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -88,7 +89,7 @@ def test_report_shows_the_failed_job_with_its_error_and_the_others_intact(failin
     assert "failed" in printed and "broken.ckpt" in printed
     markdown = (sweep / "report.md").read_text()
     assert "| failed |" in markdown and "broken.ckpt" in markdown
-    assert (sweep / "report_runs.png").read_bytes()[:8] == PNG
+    assert_picture(sweep / "report_runs.png")
 
 
 def test_a_job_that_cannot_start_gets_a_failed_run_directory(tmp_path):
@@ -140,7 +141,7 @@ def test_report_of_a_rank_sweep_plots_the_trade_off(joblib_sweep, capsys):
         assert_row_is_its_metrics(row)
     assert "4 complete" in printed
     for image in ("report_runs.png", "report_lora_rank.png"):
-        assert (joblib_sweep / image).read_bytes()[:8] == PNG
+        assert_picture(joblib_sweep / image)
         assert f"]({image})" in (joblib_sweep / "report.md").read_text()
 
 
@@ -165,9 +166,9 @@ def test_an_optuna_search_finishes_and_its_best_trial_is_reported(tmp_path, caps
 
 def test_experiments_compose_into_their_setup():
     _, model, strategy, lora, dataset, values = plain_configs(compose_train(["experiment=lora_ranks", "lora.r=4"]))
-    assert (model.name, strategy.name.value, lora.r, lora.lora_alpha, strategy.epochs) == ("tabicl", "peft", 4, 8, 5)
+    assert (model.name, strategy.name, lora.r, lora.lora_alpha, strategy.epochs) == ("tabicl", "peft", 4, 8, 5)
     _, model, strategy, *_ = plain_configs(compose_train(["experiment=strategies", "debug=smoke"]))
-    assert (model.name, strategy.name.value) == ("nano", "peft")
+    assert (model.name, strategy.name) == ("nano", "peft")
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

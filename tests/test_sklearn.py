@@ -212,7 +212,7 @@ def test_grid_search_over_strategies():
     assert np.isfinite(search.cv_results_["mean_test_score"]).all() and len(search.cv_results_["params"]) == 3
     assert search.best_params_ in search.cv_results_["params"]
     best = search.best_estimator_.pipeline_
-    assert best.strategy_.name.value == search.best_params_["tuning_strategy"]
+    assert best.strategy_.name == search.best_params_["tuning_strategy"]
     if best.is_peft:
         assert best.lora_settings_.r == search.best_params_["peft_config"]["r"]
 

@@ -23,11 +23,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import rundir
-from ..config import (LoraSettings, StrategyConfig, StrategyName, check_combination, check_strategy, from_dict,
-                      group_defaults, to_dict)
+from ..config import LoraSettings, from_dict, group_defaults, to_dict
 from ..data.builtin import BUILTIN, TARGET, load_builtin
 from ..errors import TabTuneError
 from ..hydra_conf import check_overrides, conf_dir, one_line_errors
+from ..strategies import check_combination, check_strategy, get_strategy
 
 log = logging.getLogger("tabtune")
 ENTRY_KEYS = ("model", "strategy", "overrides", "baseline")
@@ -133,9 +133,10 @@ def check_entry(label: str, entry, values: dict) -> dict | str:
         settings = {**common, **own}
         part = {g: {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith(f"{g}.")} for g in GROUPS}
         # the board's own progress bar stands in for each fit's
-        strategy = from_dict(StrategyConfig, {**group_defaults("strategy", str(strategy_name)),
-                                              "show_progress": False, **part["strategy"],
-                                              "name": strategy_name}, "strategy")
+        tuner = get_strategy(strategy_name)
+        strategy = from_dict(tuner.config_class, {**group_defaults("strategy", tuner.name),
+                                                  "show_progress": False, **part["strategy"],
+                                                  "name": tuner.name}, "strategy")
         check_strategy(strategy)
         model = from_dict(spec.config_class, {**group_defaults("model", spec.name), **part["model"],
                                               "name": spec.name}, "model")
@@ -146,11 +147,9 @@ def check_entry(label: str, entry, values: dict) -> dict | str:
             spec.random_size(model)
     except TabTuneError as exc:
         raise TabTuneError(f"{where}: {exc}") from None
-    trains = strategy.name != StrategyName.inference
-    tuning = {k: v for k, v in to_dict(strategy).items() if k != "name" and (trains or k == "show_progress")}
-    return {"model_name": spec.name, "tuning_strategy": strategy.name.value, "tuning_params": tuning,
-            "model_params": to_dict(model),
-            "peft_config": to_dict(lora) if strategy.name == StrategyName.peft else None,
+    tuning = {k: v for k, v in to_dict(strategy).items() if k in tuner.reads(strategy) - {"name"}}
+    return {"model_name": spec.name, "tuning_strategy": tuner.name, "tuning_params": tuning,
+            "model_params": to_dict(model), "peft_config": to_dict(lora) if tuner.lora else None,
             "device": values["device"]}
 
 

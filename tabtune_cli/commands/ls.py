@@ -5,9 +5,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..config import StrategyName, conf_dir, group_defaults, recipe_defaults
+from ..config import conf_dir, group_defaults, recipe_defaults
 from ..data.builtin import BUILTIN
 from ..models.registry import SPECS
+from ..strategies import STRATEGIES
 
 
 def run(argv: list[str]) -> int:
@@ -23,10 +24,8 @@ def run(argv: list[str]) -> int:
     strategies = Table(title="strategies (strategy=<name>)")
     strategies.add_column("name")
     strategies.add_column("what trains")
-    what = {"inference": "nothing: the training rows are the context", "base-ft": "every weight",
-            "peft": "LoRA adapters only (Hugging Face peft)"}
-    for s in StrategyName:
-        strategies.add_row(s.value, what[s.value])
+    for s in STRATEGIES.values():
+        strategies.add_row(s.name, s.description)
     console.print(strategies)
     console.print(_recipes())
 
@@ -55,9 +54,11 @@ def run(argv: list[str]) -> int:
 
 def _recipes() -> Table:
     """Each model's fine-tuning defaults: its recipe (``conf/recipe/``, with its source) or the strategy's own."""
-    table = Table(title="fine-tuning recipes (the model's defaults for strategy=base-ft / peft; keys you set win)")
+    # the strategies some model has a recipe for (conf/recipe/<model>_<strategy>.yaml)
+    trained = [s for s in STRATEGIES if any((conf_dir() / "recipe").glob(f"*_{s}.yaml"))]
+    table = Table(title=f"fine-tuning recipes (the model's defaults for strategy={' / '.join(trained)}; "
+                        f"keys you set win)")
     table.add_column("model")
-    trained = [s.value for s in StrategyName if s != StrategyName.inference]
     for strategy in trained:
         table.add_column(strategy)
     for name in sorted(SPECS):

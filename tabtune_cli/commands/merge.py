@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
 from .. import rundir
 from ..errors import TabTuneError
-from ..tuning import lora
+from ..strategies import get_strategy
 from .args import key_values
 
 KNOWN_KEYS = ("run", "output", "overwrite", "verify")
@@ -74,9 +75,9 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, overwrit
         status = json.loads(manifest.read_text()).get("status")
         raise TabTuneError(f"{run_dir}: the run is not complete (status {status!r}); only a finished run is written")
     meta = json.loads(meta_path.read_text())
-    strategy = meta["tuning_strategy"]
-    if strategy == "inference" and not meta["model_params"].get("adapters"):
-        raise TabTuneError(f"{run_dir}: an inference run changed no weight; there is nothing to {command} "
+    strategy = get_strategy(meta["tuning_strategy"])
+    if not strategy.changes_weights and not meta["model_params"].get("adapters"):
+        raise TabTuneError(f"{run_dir}: a {strategy.name} run changed no weight; there is nothing to {command} "
                            f"(its model is the checkpoint it ran: model.checkpoint or the official file)")
     out_dir = Path(output) if output else run_dir / DEFAULT_FOLDER
     if out_dir.exists() and not out_dir.is_dir():
@@ -90,12 +91,7 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, overwrit
     adapter, task, module = pipeline.adapter_, pipeline.task_, pipeline.module_
     rows = _verify_rows(pipeline) if verify else None
     before = _predict(pipeline, module, rows) if verify else None
-    lora_layers, saved_modules = 0, 0
-    if strategy == "peft":
-        from peft.utils import ModulesToSaveWrapper
-
-        saved_modules = sum(isinstance(m, ModulesToSaveWrapper) for m in module.modules())
-        module, lora_layers = lora.fold(module)
+    module, facts = strategy.for_export(module)
     module.eval()
     path = adapter.write_checkpoint(module, pipeline.architecture_, task, out_dir)
     difference = None
@@ -108,12 +104,13 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, overwrit
                                f"(tolerance {TOLERANCE:g}); the file is kept for inspection")
     adapter_file = run_dir / "adapter_model.safetensors"
     files = sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    return {"command": command, "run": run_dir, "model": adapter.title, "strategy": strategy, "checkpoint": path,
+    return {"command": command, "run": run_dir, "model": adapter.title, "strategy": strategy.name,
+            "title": strategy.export_title, "checkpoint": path,
             "files": files, "tensors": len(module.state_dict()),
             "parameters": int(sum(p.numel() for p in module.parameters())),
-            "lora_layers": lora_layers, "saved_modules": saved_modules,
+            "lora_layers": facts.get("lora_layers", 0), "saved_modules": facts.get("saved_modules", 0),
             "checkpoint_bytes": path.stat().st_size,
-            "adapter_bytes": adapter_file.stat().st_size if strategy == "peft" and adapter_file.is_file() else None,
+            "adapter_bytes": adapter_file.stat().st_size if strategy.lora and adapter_file.is_file() else None,
             "verified_difference": difference}
 
 
@@ -141,15 +138,14 @@ def _mb(n_bytes: int) -> str:
 
 
 def show_summary(result: dict) -> None:
-    title = "merged" if result["strategy"] == "peft" else "exported"
-    table = Table(title=f"{result['model']} · {result['strategy']} · {title}", show_header=False)
+    table = Table(title=f"{result['model']} · {result['strategy']} · {result['title']}", show_header=False)
     table.add_column("what")
     table.add_column("value", overflow="fold")
     table.add_row("run", str(result["run"]))
     table.add_row("checkpoint", str(result["checkpoint"]))
     if len(result["files"]) > 1:
         table.add_row("folder", ", ".join(p.name for p in result["files"]))
-    if result["strategy"] == "peft":
+    if result["lora_layers"]:
         n_saved = result["saved_modules"]
         extra = f" (+ {n_saved} module{'s' if n_saved > 1 else ''} trained in full)" if n_saved else ""
         table.add_row("LoRA merged into", f"{result['lora_layers']} weight tensors{extra}")

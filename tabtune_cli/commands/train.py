@@ -14,12 +14,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import rundir
-from ..config import (DatasetConfig, LoraSettings, StrategyConfig, check_combination, check_strategy, from_dict,
-                      to_dict)
+from ..config import DatasetConfig, LoraSettings, StrategyConfig, from_dict, to_dict
 from ..errors import TabTuneError
 from ..hydra_conf import check_overrides, conf_dir, given_keys, one_line, one_line_errors, train_help
 from ..models.base import Task
 from ..models.registry import get_spec
+from ..strategies import check_combination, check_strategy, get_strategy
 
 log = logging.getLogger("tabtune")
 CHECKPOINTS = "checkpoints"  # a run's resumable checkpoint while it trains; removed once it is complete
@@ -31,14 +31,14 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
     The first item is the model's spec (``models/base.ModelSpec``: name, title, tasks, ``check_task``,
     ``checkpoint_file``), not its adapter: validation imports neither torch nor the model's package.
     ``given`` is the keys the user set on the command line: those this combination ignores are logged as
-    warnings (see :func:`config.check_combination`)."""
+    warnings (see :func:`strategies.check_combination`)."""
     try:
         values = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
     except Exception as exc:
         raise TabTuneError(one_line(exc)) from None
     spec = get_spec(values["model"]["name"])
     model = from_dict(spec.config_class, values["model"], "model")
-    strategy = from_dict(StrategyConfig, values["strategy"], "strategy")
+    strategy = from_dict(get_strategy(values["strategy"]["name"]).config_class, values["strategy"], "strategy")
     check_strategy(strategy)
     lora = from_dict(LoraSettings, values["lora"], "lora")
     for warning in check_combination(model, strategy, lora, set(given)):
@@ -75,7 +75,7 @@ def check_run_settings(values: dict, dataset: DatasetConfig, strategy: StrategyC
         raise TabTuneError(f"dataset.drop_columns names the target {target!r}: the target cannot be dropped")
     if target is not None and target in (dataset.text_columns or []):
         raise TabTuneError(f"dataset.text_columns names the target {target!r}: it is what the model predicts")
-    distributed.check_shardable(strategy)
+    distributed.check_shardable(strategy, get_strategy(strategy.name).trains)
 
 
 def run(argv: list[str]) -> int:
@@ -143,9 +143,9 @@ def preflight(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(), f
 
     data = load_dataset(dataset, values["seed"])
     # an unsupported task or a missing checkpoint is the user's to fix: say so before a run directory exists
-    adapter.check_task(Task(data.task), strategy.name.value)
+    adapter.check_task(Task(data.task), strategy.name)
     adapter.checkpoint_file(model, Task(data.task), fetch=fetch)
-    check_width(adapter, model, strategy.name.value, dataset, data)
+    check_width(adapter, model, strategy.name, dataset, data)
     return (adapter, model, strategy, lora, dataset, values), data
 
 
@@ -286,7 +286,7 @@ def _run(run_dir: Path, checked: tuple, data, early_records: list) -> dict:
     rundir.finish(run_dir, "complete", provenance=provenance, config=values, seed=values["seed"],
                   **{k: metrics[k] for k in ("device", "gpu") if k in metrics}, metrics=metrics)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # only for resuming: a complete run has its weights
-    show_summary(run_dir, metrics, adapter.title, strategy.name.value, data.name)
+    show_summary(run_dir, metrics, adapter.title, strategy.name, data.name)
     return metrics
 
 
@@ -300,11 +300,12 @@ def _train_and_write(run_dir: Path | None, data, model, strategy, lora, values) 
     X_test, y_test = data.test.drop(columns=data.target), data.test[data.target]
     # only the settings this strategy reads: the pipeline warns of every key it is given that it would ignore
     # (the command line's own explicit keys were checked in plain_configs)
-    used = {"show_progress"} if strategy.name.value == "inference" else set(to_dict(strategy)) - {"name"}
+    tuner = get_strategy(strategy.name)
+    used = tuner.reads(strategy) - {"name"}
     pipeline = TabularPipeline(
-        model_name=model.name, task_type=data.task, tuning_strategy=strategy.name.value,
+        model_name=model.name, task_type=data.task, tuning_strategy=strategy.name,
         tuning_params={k: v for k, v in to_dict(strategy).items() if k in used},
-        model_params=to_dict(model), peft_config=to_dict(lora) if strategy.name.value == "peft" else None,
+        model_params=to_dict(model), peft_config=to_dict(lora) if tuner.lora else None,
         device=values["device"], seed=values["seed"],
         text_columns=values["dataset"]["text_columns"], text_features=values["dataset"]["text_features"])
     has_val = len(X_val) > 0
@@ -335,7 +336,7 @@ def _train_and_write(run_dir: Path | None, data, model, strategy, lora, values) 
         from ..evaluation.plots import training_curves
 
         training_curves(pipeline.train_result_.history, run_dir / "training.png",
-                        f"{model.name} · {strategy.name.value} · {data.name}")
+                        f"{model.name} · {strategy.name} · {data.name}")
     rundir.write_json(run_dir / "metrics.json", metrics)
     log.info("test metrics: %s", test)
     return metrics, pipeline.provenance_

@@ -91,6 +91,10 @@ class ModelSpec:
 class ModelAdapter(ModelSpec):
     """One model family. Subclasses fill in the architecture; the rest of tabtune knows only this."""
 
+    # whether episode_logits carries gradients to the context rows' features (strategy=context learns them);
+    # a model whose package preprocesses each member's rows in numpy has none
+    context_gradients: ClassVar[bool] = False
+
     # -- building ----------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task) -> tuple[nn.Module, dict]:
         """Return ``(module, architecture)``; ``architecture`` is JSON that :meth:`from_architecture` rebuilds."""

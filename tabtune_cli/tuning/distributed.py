@@ -47,10 +47,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
 
 
-def check_shardable(strategy) -> None:
-    """Settings that cannot be shared among the ``torchrun`` processes, refused before anything runs."""
+def check_shardable(strategy, trains: bool) -> None:
+    """Settings that cannot be shared among the ``torchrun`` processes, refused before anything runs
+    (``trains``: whether the strategy trains at all)."""
     size = world_size()
-    if size == 1 or getattr(strategy.name, "value", strategy.name) == "inference":
+    if size == 1 or not trains:
         return
     if strategy.batch_size % size:
         raise TabTuneError(f"strategy.batch_size={strategy.batch_size} must be a multiple of the {size} processes "

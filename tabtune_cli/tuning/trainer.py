@@ -132,13 +132,16 @@ def validate(adapter: ModelAdapter, module: nn.Module, task: Task, train: Split,
     return {name: metrics[name], **({"roc_auc": metrics["roc_auc"]} if task.is_classification else {})}
 
 
-def _episode_tensors(batch, X_all: torch.Tensor, y_all: torch.Tensor, device: torch.device):
-    """Stack a batch of episodes into (B, rows, features) tensors, applying each one's relabelling."""
+def _episode_tensors(batch, X_all: torch.Tensor, y_all: torch.Tensor, device: torch.device, learned=None):
+    """Stack a batch of episodes into (B, rows, features) tensors, applying each one's relabelling;
+    ``learned`` (a strategy's learned context rows) stands in for or joins each episode's context."""
     def stack(key):
         return torch.as_tensor(np.stack([getattr(e, key) for e in batch]), device=device)
 
     ctx, qry = stack("context"), stack("query")
     Xc, Xq, yc, yq = X_all[ctx], X_all[qry], y_all[ctx], y_all[qry]
+    if learned is not None:
+        Xc, yc = learned.episode(Xc, yc)
     if batch[0].feature_order is not None:
         order = stack("feature_order")[:, None, :]
         Xc = Xc.gather(2, order.expand_as(Xc))
@@ -172,7 +175,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
           strategy: StrategyConfig, model_config: ModelConfig, device: torch.device, seed: int,
           on_record: Callable[[dict], None] | None = None, on_best: Callable[[nn.Module], None] | None = None,
           lr_ratio: float | None = None, checkpoints: Path | None = None,
-          target_scale: tuple[float, float] | None = None) -> TrainResult:
+          target_scale: tuple[float, float] | None = None, learned=None) -> TrainResult:
     """Fine-tune the trainable parameters of ``module`` in place; return what happened.
 
     ``on_best(module)`` runs whenever validation improves (``save_checkpoint_path``); ``lr_ratio`` is
@@ -181,9 +184,15 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
 
     ``checkpoints``: a folder where every epoch ends in a resumable checkpoint (see ``checkpoint``); if it
     already holds one, training resumes from it, replaying its history through ``on_record`` first, and
-    ends as the uninterrupted run would have (the same episodes, RNG states and schedule)."""
+    ends as the uninterrupted run would have (the same episodes, RNG states and schedule).
+
+    ``learned``: context rows that train in place of (or beside) each episode's real context
+    (``strategies.context.LearnedContext``: ``named_parameters()``, ``episode(Xc, yc)``, ``rows(X, y)``);
+    validation predicts with them as its context too."""
     started = time.perf_counter()
-    params = [p for p in module.parameters() if p.requires_grad]
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    trainable.update(dict(learned.named_parameters()) if learned is not None else {})
+    params = list(trainable.values())
     if not params:
         raise TabTuneError("nothing to train: the model has no trainable parameters")
     optimizer = _optimizer(module, params, strategy, lr_ratio)
@@ -259,12 +268,12 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     def validation() -> dict:
         nonlocal val_seconds
         began = time.perf_counter()
-        scores = validate(adapter, module, task, train_split, val_split, val_config, device, seed, target_scale,
+        context = train_split if learned is None else Split(*learned.rows(train_split.X, train_split.y))
+        scores = validate(adapter, module, task, context, val_split, val_config, device, seed, target_scale,
                           metric_name)
         val_seconds += time.perf_counter() - began
         return scores
 
-    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     # what a checkpoint must have been made by to be resumed here
     identity = {"rows": n_rows, "features": int(train_split.X.shape[1]), "task": task.kind,
                 "n_classes": task.n_classes, "seed": seed,
@@ -312,7 +321,7 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                     task.kind, max(e.n_classes for e in batch))
                 if ranks > 1:
                     batch = distributed.shard(batch, rank, ranks)
-                Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device)
+                Xc, yc, Xq, yq = _episode_tensors(batch, X_all, y_all, device, learned)
                 # dropout's masks follow the episodes, not the process that feeds them (see distributed)
                 torch.manual_seed(distributed.micro_batch_seed(seed, epoch, b * ranks + rank))
                 with autocast():

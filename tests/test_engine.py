@@ -305,9 +305,20 @@ def test_on_record_streams_every_step_and_validation(split):
     records = []
     params = {**TUNE_PARAMS["base-ft"], "epochs": 2, "early_stopping_patience": None}
     pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
-    pipe2 = TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL,
-                            device="cpu", seed=SEED).fit(X_train, y_train, on_record=records.append)
-    assert records == pipe2.train_result_.history
+    TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL,
+                    device="cpu", seed=SEED).fit(X_train, y_train, on_record=records.append)
+    # streamed as training goes: a callback that stops the fit at the 5th record has seen exactly 5
+    seen = []
+
+    def stop_at_five(record):
+        seen.append(record)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL, device="cpu",
+                        seed=SEED).fit(X_train, y_train, on_record=stop_at_five)
+    assert seen == records[:5]
     steps = [h for h in records if "loss" in h]
     # steps_per_epoch 7: a validation after every 7th step
     assert [h["step"] for h in steps] == list(range(1, 15))

@@ -16,7 +16,8 @@ from tabtune_cli.evaluation.leaderboard import TabularLeaderboard, baseline
 from tabtune_cli.evaluation.metrics import compute_metrics
 from tabtune_cli.hydra_conf import compose_train
 
-PNG = b"\x89PNG\r\n\x1a\n"
+from conftest import assert_picture
+
 # tiny random-weight TabICL, one ensemble member; fine-tuning of two steps
 TINY = ["entry_defaults.model=tabicl", "+entry_defaults.overrides.model={pretrained:false,size:tiny,n_estimators:1}",
         "+entry_defaults.overrides.strategy={epochs:1,steps_per_epoch:2,context_size:32,query_size:16,batch_size:1}"]
@@ -67,7 +68,7 @@ def test_the_board_is_the_mean_and_std_of_its_folds(tabtune, tmp_path):
     markdown = (board_dir / "leaderboard.md").read_text()
     assert "| lora-r2 |" in markdown and "±" in markdown and "![leaderboard](leaderboard.png)" in markdown
     for name in ("leaderboard.png", "leaderboard_fit_time.png"):
-        assert (board_dir / name).read_bytes()[:8] == PNG
+        assert_picture(board_dir / name)
     assert "lora-r2" in out and "leaderboard.csv" in out
 
 

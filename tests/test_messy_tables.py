@@ -8,6 +8,8 @@ predict with a tiny random-weight nano, or fail with a TabTuneError: never anoth
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import logging
 import os
@@ -344,10 +346,8 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1
     assert lines[0] == "tabtune: error: device=cuda but no CUDA device is available (use device=cpu or device=auto)"
-    assert not list(tmp_path.rglob("metrics.json"))
-    if list(tmp_path.rglob("run.json")):
-        pytest.xfail("the device is resolved in fit, after the run directory exists (marked failed): "
-                     "commands/train.py's preflight would need to check it")
+    # refused in the preflight (commands/train.plain_configs), before a run directory exists
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("run.json"))
 
 
 def test_a_messy_table_trains_and_its_treatments_are_in_the_manifest(tmp_path):
@@ -436,16 +436,20 @@ def tables(draw, max_rows: int = 24):
     return frame, labels
 
 
-def fit_and_predict(X: pd.DataFrame, y: pd.Series, strategy: str) -> None:
+def fit_and_predict(X: pd.DataFrame, y: pd.Series, strategy: str) -> str:
+    """``"fitted"`` (its probabilities checked) or ``"refused"`` (in one line)."""
     try:
         pipe = nano(strategy, text_features=0).fit(X, y)
         out = pipe.predict_proba(X)
     except TabTuneError as exc:
         assert "\n" not in str(exc)
         event(f"refused: {_gist(exc)}")
-        return
+        return "refused"
     event("fitted and predicted")
     assert out.shape == (len(X), y.nunique())
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+    assert np.isfinite(out).all()
+    return "fitted"
 
 
 def _gist(exc: TabTuneError) -> str:
@@ -454,16 +458,32 @@ def _gist(exc: TabTuneError) -> str:
     return text[:90]
 
 
-@PROPERTY
-@given(table=tables(), strategy=st.sampled_from(["inference", "inference", "base-ft"]))
-def test_random_tables_fit_and_predict_or_fail_with_a_tabtune_error(table, strategy):
-    X, y = table
-    fit_and_predict(X, y, strategy)
+def test_random_tables_fit_and_predict_or_fail_with_a_tabtune_error():
+    outcomes = Counter()
+
+    @PROPERTY
+    @given(table=tables(), strategy=st.sampled_from(["inference", "inference", "base-ft"]))
+    def check(table, strategy):
+        outcomes[fit_and_predict(*table, strategy)] += 1
+
+    check()
+    # a property that every table passed by being refused would prove nothing: most tables are fit
+    assert outcomes["fitted"] >= outcomes["refused"], outcomes
 
 
-@settings(PROPERTY, max_examples=25)
-@given(table=tables(max_rows=30), as_parquet=st.booleans())
-def test_random_files_load_split_fit_and_predict_or_fail_with_a_tabtune_error(table, as_parquet, tmp_path_factory):
+def test_random_files_load_split_fit_and_predict_or_fail_with_a_tabtune_error(tmp_path_factory):
+    outcomes = Counter()
+
+    @settings(PROPERTY, max_examples=25)
+    @given(table=tables(max_rows=30), as_parquet=st.booleans())
+    def check(table, as_parquet):
+        outcomes[load_split_fit(table, as_parquet, tmp_path_factory)] += 1
+
+    check()
+    assert outcomes["fitted"] >= 5, outcomes
+
+
+def load_split_fit(table, as_parquet, tmp_path_factory) -> str:
     X, y = table
     folder = tmp_path_factory.mktemp("random")
     path = folder / ("table.parquet" if as_parquet else "table.csv")
@@ -472,13 +492,13 @@ def test_random_files_load_split_fit_and_predict_or_fail_with_a_tabtune_error(ta
         frame.to_parquet(path) if as_parquet else frame.to_csv(path, index=False)
     except (ValueError, TypeError, pa.ArrowException):  # what pyarrow cannot write is no Parquet file to test
         event("not writable as Parquet")
-        return
+        return "not written"
     try:
         data = load_dataset(DatasetConfig(path=str(path), target="label"), 0)
     except TabTuneError as exc:
         assert "\n" not in str(exc)
         event(f"refused loading: {_gist(exc)}")
-        return
+        return "refused"
     trained = set(data.train["label"])
     assert set(data.val["label"]) <= trained and set(data.test["label"]) <= trained
     try:
@@ -487,6 +507,7 @@ def test_random_files_load_split_fit_and_predict_or_fail_with_a_tabtune_error(ta
     except TabTuneError as exc:
         assert "\n" not in str(exc)
         event(f"refused fitting: {_gist(exc)}")
-        return
+        return "refused"
     event("loaded, fitted and predicted")
-    assert len(out) == len(data.test)
+    assert len(out) == len(data.test) and set(out) <= set(data.train["label"])
+    return "fitted"

@@ -53,7 +53,6 @@ def _checkpoint(model: str, folder: Path) -> Path:
 
 def _measure(side: str, model: str, path: str, n_rows: str, out: str) -> None:
     """One measurement, in this (fresh) process: fit + predict, peak RSS, probabilities saved for the comparison."""
-    import resource
     import time
 
     import numpy as np
@@ -84,7 +83,9 @@ def _measure(side: str, model: str, path: str, n_rows: str, out: str) -> None:
         settings.tabpfn.allow_cpu_large_dataset = True  # its CPU refusal past 1,000 rows; computes the same
         proba = TabPFNClassifier(model_path=path, device="cpu").fit(X_train, y_train).predict_proba(X_test)
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tabtune_cli.memory import peak_mb as probe  # this fresh process's peak resident set since its start
+
+    peak_mb = probe(torch.device("cpu"))
     np.save(out + ".npy", np.asarray(proba, dtype=np.float64))
     Path(out + ".json").write_text(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
 

@@ -86,24 +86,24 @@ def measure_predict(spec: dict) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from tabtune_cli import TabularPipeline
-    from tabtune_cli.pipeline import _peak_memory_mb, _reset_peak_memory
+    from tabtune_cli.memory import peak_mb, reset_peak
 
     cpu = torch.device("cpu")
     X, y, X_pool, y_pool = flights()
-    load_peak = _peak_memory_mb(cpu)  # imports and the table, since the process started
+    load_peak = peak_mb(cpu)  # imports and the table, since the process started
     pipe = TabularPipeline("nano", tuning_strategy="inference", tuning_params={"show_progress": False},
                            model_params={"n_estimators": spec["n_estimators"]}, device="cpu", seed=0)
     fit_s, _ = timed(lambda: pipe.fit(X, y))
     fit_peak, after_fit = pipe.peak_memory_mb_, resident_mb()  # fit measures its own peak
-    _reset_peak_memory(cpu)
+    reset_peak(cpu)
     context_s, _ = timed(lambda: pipe.predict_proba(X_pool.iloc[-spec["warm_rows"]:]))
-    context_peak = _peak_memory_mb(cpu)
-    _reset_peak_memory(cpu)
+    context_peak = peak_mb(cpu)
+    reset_peak(cpu)
     query = X_pool.iloc[:spec["rows"]]
     cpu_started = time.process_time()
     seconds, proba = timed(lambda: pipe.predict_proba(query))
     cpu_seconds = time.process_time() - cpu_started
-    predict_peak = _peak_memory_mb(cpu)
+    predict_peak = peak_mb(cpu)
     positive = list(pipe.classes_).index("above")
     context_rows = int(min(len(X), pipe.model_config_.max_context_rows))
     return {"rows": spec["rows"], "train_rows": len(X), "context_rows": context_rows,

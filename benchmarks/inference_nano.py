@@ -19,7 +19,6 @@ Run alone: ``python benchmarks/inference_nano.py [--quick] [--out bench]``.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +41,14 @@ def table(n: int, n_features: int, seed: int = 0) -> tuple[pd.DataFrame, pd.Seri
     score = X["x0"] + 0.5 * X["x1"] - 0.3 * X["x2"] + rng.normal(scale=0.5, size=n)
     y = pd.Series(np.select([score < -0.5, score < 0.5], ["low", "mid"], "high"), name="label")
     return X, y
+
+
+def process_peak_mb() -> float:
+    import torch
+
+    from tabtune_cli.memory import peak_mb
+
+    return peak_mb(torch.device("cpu"))
 
 
 def measure(quick: bool) -> dict:
@@ -120,7 +127,7 @@ def _measure(size: dict) -> dict:
                      "cache_hits": cache.hits, "cache_misses": cache.misses,
                      "runs_cached_s": cached_b, "runs_uncached_s": uncached_b},
         # the whole process's peak, earlier topics of the same bench run included
-        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_peak_rss_mb": process_peak_mb(),
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -34,12 +33,15 @@ def measure(n_query: int, size: str) -> dict:
     Xc = rng.normal(size=(512, 8)).astype(np.float32)
     yc = rng.integers(0, 3, 512)
     Xq = rng.normal(size=(n_query, 8)).astype(np.float32)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tabtune_cli.memory import peak_mb, reset_peak
+
+    reset_peak(torch.device("cpu"))
+    before = peak_mb(torch.device("cpu"))
     started = time.perf_counter()
     MitraAdapter().predict(module, Xc, yc, Xq, Task("classification", 3), ModelConfig(name="mitra", n_estimators=1),
                            torch.device("cpu"))
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb(torch.device("cpu"))
     return {"query_rows": n_query, "peak_mb": peak, "growth_mb": peak - before, "seconds": seconds}
 
 

@@ -134,9 +134,9 @@ def peak_mb() -> float:
     """This process's peak resident set so far, MiB (Linux ``VmHWM``: its own since ``exec``)."""
     import torch
 
-    from tabtune_cli.pipeline import _peak_memory_mb
+    from tabtune_cli.memory import peak_mb as probe
 
-    return _peak_memory_mb(torch.device("cpu"))
+    return probe(torch.device("cpu"))
 
 
 def run_child(strategy: str, checkpointing: bool, size: dict, what: str = "fit") -> dict:
@@ -229,7 +229,7 @@ blocks' inputs are kept) {rows[3]['peak_rss_ratio']:.2f}x, and base-ft with it {
 
 Where the time goes. peft skips the weight-gradient product of every frozen layer and the optimizer's
 pass over {base['trainable_params'] / 1e6:.1f}M parameters, and adds six rank-r products a LoRA layer (the
-in-place `addmm`s of `lora.lora_linear`, without peft's rebuilt `W + B·A` and its full-size gradient).
+in-place `addmm`s of `modules.low_rank.lora_linear`, without peft's rebuilt `W + B·A` and its full-size gradient).
 Profiled at the default size: in TabICL's 512-wide ICL transformer the skipped products dominate; in its
 128-wide column and row transformers, run over rows x feature-groups tokens, each rank-r product streams
 as many bytes of activations as the full product it replaces, so there peft saves little on a CPU; attention

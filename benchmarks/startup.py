@@ -46,7 +46,7 @@ def commands() -> dict[str, list[str]]:
 
 
 # what `tabtune train` checks before it reads any data: compose the config, type and value checks, every model
-CONFIG_CHECKS = ("from tabtune_cli.commands.train import plain_configs; from tabtune_cli.hydra_conf import "
+CONFIG_CHECKS = ("from tabtune_cli.commands.train import plain_configs; from tabtune_cli.commands.hydra_conf import "
                  "check_overrides; check_overrides(['model=tabicl', 'strategy=peft'], 'train', validate=plain_configs)")
 
 

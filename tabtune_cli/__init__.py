@@ -13,7 +13,7 @@ def __getattr__(name):
 
         return TabularPipeline
     if name == "TabularLeaderboard":
-        from .evaluation.leaderboard import TabularLeaderboard
+        from .leaderboard import TabularLeaderboard
 
         return TabularLeaderboard
     if name in ("TabularClassifier", "TabularRegressor"):

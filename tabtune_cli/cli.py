@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _command(argv[0])
     try:
         if argv[0] in CONFIG_FILE_COMMANDS:
-            from .hydra_conf import expand_config_flag
+            from .commands.hydra_conf import expand_config_flag
 
             return command(expand_config_flag(argv[1:]))
         return command(argv[1:])

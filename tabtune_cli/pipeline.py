@@ -6,16 +6,9 @@ Follows scikit-learn's conventions: ``__init__`` only stores its arguments,
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
-import hashlib
 import json
 import logging
-import re
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,17 +16,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import rundir
+from .artifacts import (FORMAT_VERSION, WEIGHT_FILES, base_sha256, check_same_checkpoint, pack_folder, provenance,
+                        read_safetensors, unpack_file)
 from .config import Device, LoraSettings, from_dict, group_defaults, recipe_defaults, to_dict
 from .data.checks import check_table, check_target
-from .data.dataset import file_sha256, infer_task
+from .data.dataset import infer_task
 from .data.preprocess import LabelEncoder
 from .data.schema import check_schema
 from .data.split import split_frame
 from .errors import TabTuneError
 from .evaluation.metrics import compute_metrics
+from .memory import peak_mb, reset_peak
 from .models.base import Task, load_weights, predict_classes
 from .models.registry import get_adapter
 from .strategies import check_combination, check_strategy, get_strategy
@@ -41,8 +37,6 @@ from .tuning import lora
 from .tuning.trainer import Split, train
 
 log = logging.getLogger("tabtune")
-FORMAT_VERSION = 1
-WEIGHT_FILES = {"model.safetensors", "adapter_model.safetensors", "adapter_config.json"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,30 +52,6 @@ def device_facts(device: torch.device) -> dict:
         return {"device": str(device)}
     index = torch.cuda.current_device() if device.index is None else device.index
     return {"device": f"cuda:{index}", "gpu": torch.cuda.get_device_name(index)}
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    """Start measuring a new peak (``_peak_memory_mb`` reports the peak since), so that a fit reports its own
-    peak and not an earlier one's: a sweep runs its jobs one after another in one process."""
-    gc.collect()  # the previous job's garbage, and the C heap's free pages, go back first: the peak starts
-    with contextlib.suppress(OSError, AttributeError):  # from what this process holds now (glibc only)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:  # Linux: the process's peak resident set (VmHWM) starts again from its current one
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """MiB at the peak since ``_reset_peak_memory``: CUDA's allocator peak, or the process's peak resident
-    set on CPU (Linux; elsewhere ``ru_maxrss``, the process's peak over its whole life)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError, AttributeError):
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) / 2**10
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class TabularPipeline:
@@ -173,7 +143,7 @@ class TabularPipeline:
             # peft's imports (transformers) take seconds: done before the clock and the memory peak start,
             # so that a sweep's first job is measured as its others are
             import peft  # noqa: F401
-        _reset_peak_memory(device)
+        reset_peak(device)
         started = time.perf_counter()
         torch.manual_seed(self.seed)
 
@@ -238,7 +208,7 @@ class TabularPipeline:
         module.eval()
         self.preprocessor_.freeze()  # the context is built: what later tables bring is not part of the fit
         self.fit_seconds_ = time.perf_counter() - started
-        self.peak_memory_mb_ = _peak_memory_mb(device)
+        self.peak_memory_mb_ = peak_mb(device)
         self.rows_ = {"train": int(len(X_train)), "val": int(0 if X_val is None else len(X_val))}
         self.fitted_on_ = device_facts(device)
         return self
@@ -467,7 +437,7 @@ class TabularPipeline:
             if not tuner.saves_trained_weights():
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
         else:
-            _check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)
+            check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)
             module, _ = adapter.build(model_config, task)
         module.to(self.device_)
         module = tuner.restore(module, path)
@@ -517,97 +487,3 @@ class TabularPipeline:
         self.module_.set_adapter(name)
         self.module_.requires_grad_(False)
         return self
-
-
-def read_safetensors(path: Path) -> dict:
-    """A safetensors file's tensors; anything else (a pickle, say) is refused without being run."""
-    try:
-        return load_file(path)
-    except Exception as exc:
-        raise TabTuneError(f"{path}: not a safetensors file ({str(exc).splitlines()[0][:100]}); "
-                           f"tabtune reads weights only as safetensors and never unpickles") from None
-
-
-PACKED = "tabtune-pipeline"
-# every file a saved pipeline folder may hold: a packed file naming any other is refused
-PIPELINE_FILES = WEIGHT_FILES | {"context.safetensors", "preprocessor.json", "pipeline.json", "README.md"}
-
-
-def pack_folder(folder: Path, target: Path) -> None:
-    """One safetensors file holding a saved pipeline folder: tensors under ``<file>/<key>``, JSON in the metadata."""
-    tensors, metadata = {}, {"format": PACKED, "version": str(FORMAT_VERSION)}
-    for item in sorted(folder.iterdir()):
-        if item.suffix == ".safetensors":
-            tensors.update({f"{item.name}/{k}": v for k, v in load_file(item).items()})
-        elif item.is_file():
-            metadata[f"file:{item.name}"] = item.read_text()
-    save_file(tensors, target, metadata=metadata)
-
-
-def unpack_file(path: Path, folder: Path) -> None:
-    """The folder :func:`pack_folder` packed; a file of any other kind is refused, never executed, and only
-    the files a saved pipeline has are written (by their fixed names, inside ``folder``)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            if metadata.get("format") != PACKED:
-                raise ValueError("no tabtune pipeline inside")
-            files: dict[str, dict] = {}
-            for key in fh.keys():
-                name, _, tensor = key.partition("/")
-                files.setdefault(name, {})[tensor] = fh.get_tensor(key)
-        texts = {key[5:]: text for key, text in metadata.items() if key.startswith("file:")}
-        stray = next((n for n in [*files, *texts] if n not in PIPELINE_FILES), None)
-        if stray is not None:
-            raise ValueError(f"it names a file {stray!r} that no saved pipeline has")
-    except Exception as exc:
-        raise TabTuneError(f"{path}: not a pipeline saved by tabtune ({str(exc).splitlines()[0][:100]}); "
-                           f"tabtune saves safetensors + JSON whatever the extension and never unpickles") from None
-    for name, state in files.items():
-        save_file(state, folder / name)
-    for name, text in texts.items():
-        (folder / name).write_text(text)
-
-
-def _check_same_checkpoint(checkpoint: Path, provenance: dict, path: Path) -> None:
-    """A saved pipeline holds no base weights of its own: the checkpoint found now must be the one it was
-    trained on (its SHA-256 in the manifest), or its predictions would silently change."""
-    expected = (provenance.get("checkpoint") or {}).get("sha256")
-    if expected and file_sha256(checkpoint) != expected:
-        raise TabTuneError(f"{path}: its base checkpoint {str(checkpoint)!r} is not the file it was trained on "
-                           f"(SHA-256 differs from pipeline.json's provenance)")
-
-
-def base_sha256(provenance: dict, random_state: dict | None) -> str | None:
-    """The fingerprint of a model's base weights: its checkpoint file's SHA-256, or for random weights the
-    SHA-256 of the tensors (names, dtypes, shapes, bytes in name order)."""
-    if random_state is None:
-        return (provenance.get("checkpoint") or {}).get("sha256")
-    digest = hashlib.sha256()
-    for name in sorted(random_state):
-        tensor = random_state[name].detach().cpu().contiguous()
-        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def provenance(adapter, config, task: Task, X: pd.DataFrame, y: pd.Series) -> dict:
-    """Where a fitted pipeline came from: versions, checkpoint and data fingerprints, seed-independent facts."""
-    from importlib import metadata
-
-    from . import __version__
-
-    checkpoint = adapter.checkpoint_file(config, task)
-    versions = {}
-    for package in ("torch", "peft", "transformers", "safetensors", "numpy", "pandas", "scikit-learn",
-                    "tabicl", "tabpfn", "tabdpt"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    rows = pd.util.hash_pandas_object(X.assign(__target__=y.to_numpy()), index=False).to_numpy()
-    return {"tabtune": __version__, "model": adapter.name,
-            "checkpoint": None if checkpoint is None else {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
-            "data_sha256": hashlib.sha256(rows.tobytes()).hexdigest(), "packages": versions}

@@ -228,8 +228,8 @@ def test_the_guides_leaderboard_ranks_and_keeps_failures(split):
     # each score is the contender's own, as a fit of its own gives it
     alone = fit_pipeline("inference", X_train, y_train).evaluate(X_test, y_test)
     scores = results.set_index("contender")
-    assert scores.loc["tiny", "roc_auc"] == pytest.approx(alone["roc_auc"], abs=1e-9)
-    assert scores.loc["tiny", "log_loss"] == pytest.approx(alone["log_loss"], abs=1e-9)
+    assert scores.loc["tiny", "roc_auc"] == pytest.approx(alone["roc_auc"], abs=1e-6)
+    assert scores.loc["tiny", "log_loss"] == pytest.approx(alone["log_loss"], abs=1e-6)
     assert scores.loc["LR", "roc_auc"] > scores.loc["tiny", "roc_auc"]  # the ranking follows the scores
     ranking = board.get_ranking()
     broken = ranking.set_index("contender").loc["broken"]

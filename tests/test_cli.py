@@ -19,7 +19,7 @@ import yaml
 from tabtune_cli import TabularPipeline, rundir
 from tabtune_cli.commands.train import plain_configs
 from tabtune_cli.errors import TabTuneError
-from tabtune_cli.hydra_conf import compose_train, conf_dir
+from tabtune_cli.commands.hydra_conf import compose_train, conf_dir
 from tabtune_cli.models.registry import ADAPTERS, SPECS
 
 from conftest import breast_cancer, check_run
@@ -268,7 +268,7 @@ for args in json.loads(sys.argv[1]):
     assert code in (0, None), (args, code)
 if len(sys.argv) > 2:  # the config checks `tabtune train` makes before it runs: every model, each strategy
     from tabtune_cli.commands.train import plain_configs
-    from tabtune_cli.hydra_conf import check_overrides
+    from tabtune_cli.commands.hydra_conf import check_overrides
 
     check_overrides(json.loads(sys.argv[2]), "train", validate=plain_configs)
 print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
@@ -316,7 +316,7 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
                               str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
-    where = subprocess.run([sys.executable, "-c", "import tabtune_cli, tabtune_cli.hydra_conf as h;"
+    where = subprocess.run([sys.executable, "-c", "import tabtune_cli, tabtune_cli.commands.hydra_conf as h;"
                             "print(tabtune_cli.__file__); print(h.conf_dir())"],
                            cwd=elsewhere, capture_output=True, text=True, env=env)
     module_file, config_dir = where.stdout.split()

@@ -13,7 +13,7 @@ from tabtune_cli.commands.config_tools import shipped_configs
 from tabtune_cli.config import LoraSettings, ModelConfig, StrategyConfig
 from tabtune_cli.strategies import check_combination
 from tabtune_cli.errors import TabTuneError
-from tabtune_cli.hydra_conf import compose_train
+from tabtune_cli.commands.hydra_conf import compose_train
 
 FAST = ["debug=smoke", "dataset=iris"]  # nano (the default model), random tiny weights, 300 rows at most
 

@@ -23,7 +23,7 @@ from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import get_adapter
 from tabtune_cli.models.tabicl import TabICLAdapter
 from tabtune_cli.tuning import lora
-from tabtune_cli.tuning.episodes import epoch_episodes, episode_sizes
+from tabtune_cli.data.episodes import epoch_episodes, episode_sizes
 
 from conftest import SEED, TINY_MODEL, TUNE_PARAMS, fit_pipeline, make_table
 

@@ -12,9 +12,9 @@ import pytest
 from tabtune_cli.commands.leaderboard import check_board, load_tables
 from tabtune_cli.data.builtin import load_builtin
 from tabtune_cli.errors import TabTuneError
-from tabtune_cli.evaluation.leaderboard import TabularLeaderboard, baseline
+from tabtune_cli.leaderboard import TabularLeaderboard, baseline
 from tabtune_cli.evaluation.metrics import compute_metrics
-from tabtune_cli.hydra_conf import compose_train
+from tabtune_cli.commands.hydra_conf import compose_train
 
 from conftest import assert_picture
 

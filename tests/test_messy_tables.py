@@ -36,7 +36,7 @@ from tabtune_cli.data.dataset import load_dataset
 from tabtune_cli.data.io import read_table
 from tabtune_cli.data.preprocess import Preprocessor
 from tabtune_cli.errors import TabTuneError
-from tabtune_cli.hydra_conf import compose_train
+from tabtune_cli.commands.hydra_conf import compose_train
 
 torch.set_num_threads(1)
 

@@ -92,7 +92,7 @@ def test_peft_steps_give_frozen_weights_no_gradient_and_no_optimizer_state(split
 def test_lora_is_computed_from_its_factors_as_peft_computes_it():
     from peft.tuners.lora import Linear, ParamWrapper
 
-    from tabtune_cli.tuning.lora_layers import LowRankLinear, LowRankParamWrapper, make_low_rank
+    from tabtune_cli.modules.lora_layers import LowRankLinear, LowRankParamWrapper, make_low_rank
 
     adapter, ours = tiny(peft=True)
     kinds = {type(m) for m in ours.modules()}

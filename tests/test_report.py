@@ -19,7 +19,7 @@ from tabtune_cli.config import Objective
 from tabtune_cli.errors import TabTuneError
 from tabtune_cli.evaluation.metrics import METRICS, direction
 from tabtune_cli.evaluation.report import varying_keys
-from tabtune_cli.hydra_conf import compose_train, conf_dir
+from tabtune_cli.commands.hydra_conf import compose_train, conf_dir
 
 from conftest import assert_picture
 

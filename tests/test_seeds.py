@@ -23,6 +23,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
 import tabtune_cli.pipeline as pipeline_module
+from tabtune_cli.memory import peak_mb
 from tabtune_cli.config import group_defaults
 
 SEEDS = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
@@ -73,7 +74,7 @@ def namespace(data, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index: type("Props", (), {"total_memory": 24e9})())
     monkeypatch.setattr(torch.cuda, "max_memory_allocated",
-                        lambda *a: pipeline_module._peak_memory_mb(torch.device("cpu")) * 2**20)
+                        lambda *a: peak_mb(torch.device("cpu")) * 2**20)
     return {"X_train": X_train, "X_test": X_test, "y_train": y_train, "y_test": y_test,
             "X_val": X_test, "y_val": y_test, "load_your_dataset": lambda: (X, y),
             "TabularPipeline": pipeline_module.TabularPipeline, "torch": torch,

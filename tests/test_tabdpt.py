@@ -23,7 +23,7 @@ from tabtune_cli.models.base import Task
 from tabtune_cli.models.registry import get_adapter
 from tabtune_cli.models.specs.tabdpt import TabDPTConfig
 from tabtune_cli.models.tabdpt import _cfg
-from tabtune_cli.tuning.episodes import epoch_episodes
+from tabtune_cli.data.episodes import epoch_episodes
 
 from conftest import SEED, TUNE_PARAMS, breast_cancer, check_run
 from test_cli import run_dirs, tabtune

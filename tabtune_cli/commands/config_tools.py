@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from .. import __version__
 from ..errors import TabTuneError
-from ..hydra_conf import (CONFIG_FLAGS, HYDRA_FLAGS, compose_train, conf_dir, expand_config_flag, expand_sweeps,
+from .hydra_conf import (CONFIG_FLAGS, HYDRA_FLAGS, compose_train, conf_dir, expand_config_flag, expand_sweeps,
                           given_keys, split_argv)
 
 TOP_CONFIGS = {"train": "train", "pretrain": "pretrain", "leaderboard": "leaderboard",  # config -> its command

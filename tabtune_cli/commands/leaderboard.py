@@ -26,7 +26,7 @@ from .. import rundir
 from ..config import LoraSettings, from_dict, group_defaults, to_dict
 from ..data.builtin import BUILTIN, TARGET, load_builtin
 from ..errors import TabTuneError
-from ..hydra_conf import check_overrides, conf_dir, one_line_errors
+from .hydra_conf import check_overrides, conf_dir, one_line_errors
 from ..strategies import check_combination, check_strategy, get_strategy
 
 log = logging.getLogger("tabtune")
@@ -108,7 +108,7 @@ def parse_overrides(overrides, where: str) -> dict:
 def check_entry(label: str, entry, values: dict) -> dict | str:
     """One entry as TabularPipeline keyword arguments (or a baseline's name), every setting checked as
     ``tabtune train`` checks it; a mistake is a TabTuneError naming the entry and the key."""
-    from ..evaluation.leaderboard import BASELINES
+    from ..leaderboard import BASELINES
     from ..models.registry import get_spec
 
     where = f"entry {label!r}"
@@ -191,7 +191,7 @@ def check_tasks(entries: dict, tables: dict, metric: str) -> dict[str, str]:
     """``table -> task``, once every entry is known to do each table's task (and to find its checkpoint) and
     ``metric`` is one of every table's."""
     from ..data.dataset import infer_task
-    from ..evaluation.leaderboard import BASELINES
+    from ..leaderboard import BASELINES
     from ..evaluation.metrics import METRICS
     from ..models.base import Task
     from ..models.registry import get_spec
@@ -238,7 +238,7 @@ def run(argv: list[str]) -> int:
 def _job(cfg: DictConfig) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..evaluation.leaderboard import TabularLeaderboard
+    from ..leaderboard import TabularLeaderboard
 
     values, entries = check_board(cfg)
     try:
@@ -313,7 +313,7 @@ def title(values: dict, tasks: dict) -> str:
 def plots(board: pd.DataFrame, metric: str, out: Path, subtitle: str) -> list[Path]:
     """``leaderboard.png`` (the headline metric per entry, with error bars) and ``leaderboard_fit_time.png``
     (the metric against fit seconds), one panel per table."""
-    from ..evaluation.leaderboard import headline
+    from ..leaderboard import headline
     from ..evaluation.plots import leaderboard_fit_time, leaderboard_scores
 
     tables = board[board["dataset"] != "all"]
@@ -327,7 +327,7 @@ def plots(board: pd.DataFrame, metric: str, out: Path, subtitle: str) -> list[Pa
 
 def _shown(board: pd.DataFrame, metric: str) -> list[str]:
     """The columns shown: each task's metrics, headline first, then the costs."""
-    from ..evaluation.leaderboard import headline
+    from ..leaderboard import headline
 
     shown = []
     for task in dict.fromkeys(board["task"]):

@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import TabTuneError
-from ..hydra_conf import check_overrides, conf_dir, one_line_errors
+from .hydra_conf import check_overrides, conf_dir, one_line_errors
 
 # Real tables that pretraining is watched on. None of them is a classification table of the
 # benchmark: regression targets split at the median, and letter (26 classes) as vowel or not.

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import rundir
 from ..config import DatasetConfig, LoraSettings, StrategyConfig, from_dict, to_dict
 from ..errors import TabTuneError
-from ..hydra_conf import check_overrides, conf_dir, given_keys, one_line, one_line_errors, train_help
+from .hydra_conf import check_overrides, conf_dir, given_keys, one_line, one_line_errors, train_help
 from ..models.base import Task
 from ..models.registry import get_spec
 from ..strategies import check_combination, check_strategy, get_strategy
@@ -87,7 +87,7 @@ def run(argv: list[str]) -> int:
         return 0
     import hydra
 
-    from .. import sweep
+    from . import sweep
 
     signal.signal(signal.SIGTERM, _terminated)
     if any(a.startswith("resume=") for a in argv):
@@ -175,7 +175,7 @@ def execute(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .. import sweep
+    from . import sweep
 
     hydra_cfg = HydraConfig.get()
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
@@ -218,7 +218,7 @@ def _job_failed(run_dir: Path, exc: Exception, hydra_cfg) -> None:
     """A sweep's failed job: one line on stderr (TABTUNE_DEBUG=1: raised, for Hydra to show its traceback)."""
     import os
 
-    from .. import sweep
+    from . import sweep
 
     if os.environ.get("TABTUNE_DEBUG"):
         raise exc

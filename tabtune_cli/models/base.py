@@ -168,7 +168,7 @@ class ModelAdapter(ModelSpec):
 
     def prediction_context(self, labels: np.ndarray | None, n_rows: int, config: ModelConfig, seed: int) -> np.ndarray:
         """Training rows handed to :meth:`predict` as context: all, or a seeded stratified ``max_context_rows``."""
-        from ..tuning.episodes import context_rows
+        from ..data.episodes import context_rows
 
         return context_rows(labels, n_rows, config.max_context_rows, seed)
 
@@ -324,7 +324,7 @@ class ContextCache:
         """Re-file ``value`` (the entry just used) under ``module``'s current version counters.
 
         peft's LoRA on a packed parameter (``target_parameters``) that its module does not take as
-        factors (``lora_layers.LowRankParamWrapper``; e.g. OrionMSP's row attention ``in_proj_weight``)
+        factors (``modules.lora_layers.LowRankParamWrapper``; e.g. OrionMSP's row attention ``in_proj_weight``)
         registers and removes a parametrization around every forward, which bumps that parameter's
         version counter without changing its value; call this right after predicting so the next
         prediction still hits. A later change to the weights still moves the counters on, and misses."""
@@ -342,7 +342,7 @@ def predict_classes(adapter: ModelAdapter, module: nn.Module, X_context: np.ndar
     The classes are split into at most ``max_classes`` balanced groups; the model predicts the
     group (context labelled by group), then the class within each group (context restricted to
     that group's rows), and the product is the class probability. Groups wider than the head
-    recurse. Fine-tuning trains on the same within-group episodes (``tuning.episodes``).
+    recurse. Fine-tuning trains on the same within-group episodes (``data.episodes``).
     """
     width = adapter.max_classes
     if not task.is_classification or width is None or task.n_classes <= width or adapter.native_many_classes:

@@ -11,8 +11,8 @@ never runs and a peft adapter on it would never touch the output. We therefore
 (2) give every attention module a forward of its own (``LiveOutProjAttention``,
 tabicl's steps with its projections as calls) that *calls* ``out_proj``, so a
 plain peft LoRA layer on it is live, and computes q/k/v as ``x·Wᵀ`` plus the
-adapters' ``scaling·(x·Aᵀ)·Bᵀ`` (``lora.packed_linear``; peft itself would rebuild
-``W + B·A`` on every call and compute its full-size gradient, ``tuning/lora_layers.py``).
+adapters' ``scaling·(x·Aᵀ)·Bᵀ`` (``modules.low_rank.packed_linear``; peft itself would rebuild
+``W + B·A`` on every call and compute its full-size gradient, ``modules/lora_layers.py``).
 The module tree and state-dict keys are unchanged, so official checkpoints load
 as they are and peft's own ``PeftModel.from_pretrained`` restores the adapters on
 any module this adapter builds. ``strategy.gradient_checkpointing`` turns on
@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from .. import rundir
 from ..config import ModelConfig
 from ..errors import TabTuneError
-from ..tuning import lora
+from ..modules.low_rank import packed_linear
 from .base import ContextCache, ModelAdapter, Task, known_class_loss, load_weights, to_task_classes
 from .specs.tabicl import CHECKPOINTS, TabICLConfig, TabICLSpec
 
@@ -112,12 +112,12 @@ def write_container(path: Path, config: dict, module: nn.Module) -> Path:
 
 class LiveOutProjAttention(MultiheadAttention):
     """TabICL's attention with its projections as calls of its own: ``out_proj`` through its forward (so
-    a LoRA layer on it is live), and the packed q/k/v projection through ``lora.packed_linear`` (so LoRA
+    a LoRA layer on it is live), and the packed q/k/v projection through ``packed_linear`` (so LoRA
     on ``in_proj_weight`` adds ``scaling·(x·Aᵀ)·Bᵀ`` and never rebuilds ``W + B·A``). The rest (masks,
     RoPE, scalable softmax, the key/value cache) is tabicl's ``multi_head_attention_forward`` step by
     step, with torch's packed-projection layout, so the numbers are the package's."""
 
-    low_rank_parameters = ("in_proj_weight",)  # LoRA reaches it as factors (lora_layers.LowRankParamWrapper)
+    low_rank_parameters = ("in_proj_weight",)  # LoRA reaches it as factors (modules.lora_layers.LowRankParamWrapper)
 
     def forward(self, query, key=None, value=None, cached_kv=None, key_padding_mask=None, attn_mask=None,
                 rope=None, need_kv=False):
@@ -140,7 +140,7 @@ class LiveOutProjAttention(MultiheadAttention):
         else:
             k, v = cached_kv.key, cached_kv.value
             src_len = k.shape[-2]
-            q = lora.packed_linear(self, "in_proj_weight", query, slice(0, dim))
+            q = packed_linear(self, "in_proj_weight", query, slice(0, dim))
         q = q.view(*batch, tgt_len, heads, dim // heads).transpose(-3, -2)
         if rope is not None:
             q = rope.rotate_queries_or_keys(q)
@@ -152,17 +152,17 @@ class LiveOutProjAttention(MultiheadAttention):
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as torch's ``_in_projection_packed`` computes them (one product for self-attention,
-        two when key is value), each through ``lora.packed_linear``."""
+        two when key is value), each through ``packed_linear``."""
         dim = self.embed_dim
         if key is value:
             if query is key:
-                proj = lora.packed_linear(self, "in_proj_weight", query)
+                proj = packed_linear(self, "in_proj_weight", query)
                 proj = proj.unflatten(-1, (3, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
                 return proj[0], proj[1], proj[2]
-            kv = lora.packed_linear(self, "in_proj_weight", key, slice(dim, 3 * dim))
+            kv = packed_linear(self, "in_proj_weight", key, slice(dim, 3 * dim))
             kv = kv.unflatten(-1, (2, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-            return lora.packed_linear(self, "in_proj_weight", query, slice(0, dim)), kv[0], kv[1]
-        return tuple(lora.packed_linear(self, "in_proj_weight", x, slice(i * dim, (i + 1) * dim))
+            return packed_linear(self, "in_proj_weight", query, slice(0, dim)), kv[0], kv[1]
+        return tuple(packed_linear(self, "in_proj_weight", x, slice(i * dim, (i + 1) * dim))
                      for i, x in enumerate((query, key, value)))
 
 

@@ -40,7 +40,7 @@ from ..errors import TabTuneError
 from ..evaluation.metrics import HIGHER_IS_BETTER, VALIDATION_METRIC, compute_metrics
 from ..models.base import ModelAdapter, Task, predict_classes
 from . import checkpoint, distributed
-from .episodes import context_rows, epoch_episodes
+from ..data.episodes import context_rows, epoch_episodes
 
 log = logging.getLogger("tabtune")
 
@@ -65,6 +65,26 @@ class TrainResult:
     stopped: str | None = None  # why training ended before its epochs were done (divergence)
     val_metric: str = "log_loss"  # what best_val and val_before measure (strategy.early_stopping_metric)
     resumed_after: int | None = None  # the epoch of the checkpoint this training resumed from
+
+
+@dataclass
+class LoopState:
+    """Where training stands: everything a checkpoint saves beside the tensors (the trainable and the best
+    weights, the optimizer's, the scheduler's), restored whole by a resumed loop."""
+
+    start: dict                 # the starting weights' validation scores (epoch 0)
+    val_before: float           # of those, the watched metric's
+    best_val: float
+    best_epoch: int = 0         # 0: the start
+    best_step: int = 0
+    stale: int = 0              # validation passes since the last improvement (early stopping counts them)
+    step: int = 0               # optimizer steps taken
+    epoch: int = 0              # epochs finished
+    finished: bool = False      # early stopping said so
+    cursor: dict = field(default_factory=lambda: {"pass": 0, "offset": 0})  # the episode stream's place
+    seconds: float = 0.0        # wall time of the parts before this process's (a resumed run's)
+    val_seconds: float = 0.0    # of all the training time, spent in validation passes
+    history: list = field(default_factory=list)
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -213,10 +233,10 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             episodes = adapter.plan_episodes(episodes, train_split.X, model_config, generator)
         return episodes
 
-    cursor = {"pass": 0, "offset": 0}  # where the episode stream stands: saved with every checkpoint
     current: dict[int, list] = {}
 
     def take(n: int) -> list:
+        cursor = loop.cursor  # where the episode stream stands: saved with every checkpoint
         out: list = []
         while len(out) < n:
             if cursor["pass"] not in current:
@@ -249,11 +269,10 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     scaler = torch.amp.GradScaler(device.type) if strategy.mixed_precision.value == "fp16" else None
     autocast = lambda: _autocast(strategy.mixed_precision.value, device)  # noqa: E731
 
-    history: list[dict] = []
     rank, ranks = distributed.join(device)  # torchrun: this process's share of every batch (else 0 of 1)
 
     def record(entry: dict) -> None:
-        history.append(entry)
+        loop.history.append(entry)
         if on_record is not None and rank == 0:
             on_record(entry)
 
@@ -263,15 +282,12 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
     higher_is_better = metric_name in HIGHER_IS_BETTER
     val_split, val_config = validation_setup(task, val_split, strategy, model_config, seed)
     train_config = capped_members(model_config, strategy.train_n_estimators)
-    val_seconds = 0.0
-
     def validation() -> dict:
-        nonlocal val_seconds
         began = time.perf_counter()
         context = train_split if learned is None else Split(*learned.rows(train_split.X, train_split.y))
         scores = validate(adapter, module, task, context, val_split, val_config, device, seed, target_scale,
                           metric_name)
-        val_seconds += time.perf_counter() - began
+        loop.val_seconds += time.perf_counter() - began
         return scores
 
     # what a checkpoint must have been made by to be resumed here
@@ -280,38 +296,34 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 "strategy": {k: v for k, v in to_dict(strategy).items() if k != "show_progress"}}
     saved = checkpoint.latest(checkpoints) if checkpoints is not None else None
     if saved is None:
-        start = validation()
-        record({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in start.items()}})
-        val_before = start[metric_name]
-        best_val, best_epoch, best_step, stale, step, epoch, finished = val_before, 0, 0, 0, 0, 0, False
+        loop = LoopState(start={}, val_before=math.nan, best_val=math.nan)
+        loop.start = validation()
+        record({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in loop.start.items()}})
+        loop.val_before = loop.best_val = loop.start[metric_name]
         best_state = {n: p.detach().clone() for n, p in trainable.items()}
-        earlier_seconds = 0.0
     else:
         tensors, state = checkpoint.load(saved, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        _check_identity(saved, state["identity"], identity)
+        _check_identity(saved, state.pop("identity"), identity)
         _restore(saved, trainable, tensors["trainable"])
         best_state = {n: tensors["best"][n].to(device=p.device, dtype=p.dtype) for n, p in trainable.items()}
+        loop = LoopState(**{f.name: state[f.name] for f in dataclasses.fields(LoopState) if f.name != "history"})
         for entry in state["history"]:
             record(entry)
-        start, val_before = state["start"], state["val_before"]
-        best_val, best_epoch, best_step = state["best_val"], state["best_epoch"], state["best_step"]
-        stale, step, epoch, finished = state["stale"], state["step"], state["epoch"], state["finished"]
-        cursor.update(state["cursor"])
-        earlier_seconds, val_seconds = state["seconds"], state["val_seconds"]
-        log.info("resumed from %s after epoch %d (step %d)", saved, epoch, step)
-    resumed_after = None if saved is None else epoch
+        log.info("resumed from %s after epoch %d (step %d)", saved, loop.epoch, loop.step)
+    resumed_after = None if saved is None else loop.epoch
     # The starting weights compete too: training that only makes validation worse is not kept. A pretrained
     # start also keeps its ranking: a lower log loss (often only calibration) at a lower ROC AUC than the
     # start's on the validation rows does not replace it, since such weights rank test rows worse too.
-    guard_auc = model_config.pretrained and start.get("roc_auc") is not None
+    guard_auc = model_config.pretrained and loop.start.get("roc_auc") is not None
     stopped = None
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not strategy.show_progress or rank != 0, transient=False)
     with progress:
-        bar = progress.add_task("fine-tuning", total=total_steps, completed=step, status="")
-        for epoch in range(epoch + 1, 0 if finished else strategy.epochs + 1):
+        bar = progress.add_task("fine-tuning", total=total_steps, completed=loop.step, status="")
+        for epoch in range(loop.epoch + 1, 0 if loop.finished else strategy.epochs + 1):
+            loop.epoch = epoch
             module.train()
             batches = epoch_batches(epoch)
             optimizer.zero_grad(set_to_none=True)
@@ -331,8 +343,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                 if ranks > 1:  # all ranks stop together, or the others would wait for it forever
                     diverged = distributed.any_rank(diverged)
                 if diverged:
-                    stopped = (f"training diverged at epoch {epoch}, step {step + 1} (loss {loss.item()}): stopped "
-                               f"there, keeping the best weights so far (epoch {best_epoch}); lower "
+                    stopped = (f"training diverged at epoch {epoch}, step {loop.step + 1} (loss {loss.item()}): "
+                               f"stopped there, keeping the best weights so far (epoch {loop.best_epoch}); lower "
                                f"strategy.learning_rate (now {strategy.learning_rate})")
                     log.warning(stopped)
                     break
@@ -349,8 +361,8 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
                         torch.nn.utils.clip_grad_norm_(params, strategy.max_grad_norm)
                     (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    record({"epoch": epoch, "step": step, "loss": float(np.mean(running)),
+                    loop.step += 1
+                    record({"epoch": epoch, "step": loop.step, "loss": float(np.mean(running)),
                             "lr": scheduler.get_last_lr()[0]})
                     scheduler.step()
                     progress.update(bar, advance=1, status=f"epoch {epoch} loss {np.mean(running):.4f}")
@@ -360,42 +372,41 @@ def train(adapter: ModelAdapter, module: nn.Module, task: Task, train_split: Spl
             scores = validation()
             val = scores[metric_name]
             if not math.isfinite(val):  # a loss can stay finite while the weights it left predict NaN
-                stopped = (f"training diverged at epoch {epoch}, step {step} (its validation predictions are not "
-                           f"finite): stopped there, keeping the best weights so far (epoch {best_epoch}); lower "
+                stopped = (f"training diverged at epoch {epoch}, step {loop.step} (its validation predictions are "
+                           f"not finite): stopped there, keeping the best weights so far (epoch {loop.best_epoch}); lower "
                            f"strategy.learning_rate (now {strategy.learning_rate})")
                 log.warning(stopped)
                 break
-            record({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in scores.items()}})
+            record({"epoch": epoch, "step": loop.step, **{f"val_{k}": v for k, v in scores.items()}})
             progress.update(bar, status=f"epoch {epoch} val {metric_name} {val:.4f}")
-            ranks_as_well = not guard_auc or (scores["roc_auc"] or 0.0) >= start["roc_auc"]
-            if (val > best_val if higher_is_better else val < best_val) and ranks_as_well:
-                best_val, best_epoch, best_step, stale = val, epoch, step, 0
+            ranks_as_well = not guard_auc or (scores["roc_auc"] or 0.0) >= loop.start["roc_auc"]
+            if (val > loop.best_val if higher_is_better else val < loop.best_val) and ranks_as_well:
+                loop.best_val, loop.best_epoch, loop.best_step, loop.stale = val, epoch, loop.step, 0
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
                 if on_best is not None and rank == 0:
                     on_best(module)
             else:
-                stale += 1
-            finished = strategy.early_stopping_patience is not None and stale >= strategy.early_stopping_patience
+                loop.stale += 1
+            loop.finished = (strategy.early_stopping_patience is not None
+                             and loop.stale >= strategy.early_stopping_patience)
             if checkpoints is not None and rank == 0:
                 checkpoint.save(
                     checkpoints, f"epoch-{epoch:04d}", tensors={"trainable": trainable, "best": best_state},
                     optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                    state={"identity": identity, "epoch": epoch, "step": step, "finished": finished,
-                           "start": start, "val_before": val_before, "best_val": best_val, "best_epoch": best_epoch,
-                           "best_step": best_step, "stale": stale, "cursor": dict(cursor), "history": history,
-                           "seconds": earlier_seconds + time.perf_counter() - started, "val_seconds": val_seconds})
-            if finished:
+                    state={"identity": identity, **dataclasses.asdict(loop),
+                           "seconds": loop.seconds + time.perf_counter() - started})
+            if loop.finished:
                 break
-    if best_epoch == 0 and not stopped:
+    if loop.best_epoch == 0 and not stopped:
         log.warning("no epoch improved validation %s (%.4f before training)%s: keeping the starting weights",
-                    metric_name, val_before, " without lowering its ROC AUC" if guard_auc else "")
+                    metric_name, loop.val_before, " without lowering its ROC AUC" if guard_auc else "")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(best_state[n])
     module.eval()
-    return TrainResult(best_epoch=best_epoch, best_val=best_val, val_before=val_before, epochs_run=epoch,
-                       steps=step, history=history, best_step=best_step,
-                       seconds=earlier_seconds + time.perf_counter() - started, val_seconds=val_seconds,
+    return TrainResult(best_epoch=loop.best_epoch, best_val=loop.best_val, val_before=loop.val_before,
+                       epochs_run=loop.epoch, steps=loop.step, history=loop.history, best_step=loop.best_step,
+                       seconds=loop.seconds + time.perf_counter() - started, val_seconds=loop.val_seconds,
                        stopped=stopped, resumed_after=resumed_after, val_metric=metric_name)
 
 

@@ -10,10 +10,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .config import DatasetConfig, Device, LeaderboardConfig, LoraSettings, Objective, PretrainConfig, conf_dir
-from .errors import TabTuneError
-from .models.registry import SPECS
-from .strategies import STRATEGIES
+from ..config import DatasetConfig, Device, LeaderboardConfig, LoraSettings, Objective, PretrainConfig, conf_dir
+from ..errors import TabTuneError
+from ..models.registry import SPECS
+from ..strategies import STRATEGIES
 
 
 @dataclass
@@ -53,7 +53,7 @@ def register() -> None:
 def _metric_direction(name: str) -> str:
     """``evaluation.metrics.direction``, imported when a config asks: that module imports scikit-learn, which
     ``train --help`` and config validation do not need (issue #15)."""
-    from .evaluation.metrics import direction
+    from ..evaluation.metrics import direction
 
     return direction(name)
 

@@ -2,7 +2,7 @@
 
 Hydra runs a sweep's jobs one after another in one process (its basic launcher) or side by side in worker
 processes (joblib, submitit, Ray). So each job seeds every generator from its own ``seed``, takes its share
-of the cores, measures its own peak memory (``pipeline._reset_peak_memory``) and, when it fails, is
+of the cores, measures its own peak memory (``memory.reset_peak``) and, when it fails, is
 recorded as failed in its run directory and returns, so that the other jobs go on; at the end the sweep
 reports which jobs failed and exits non-zero if any did. Command-line side: this module knows Hydra.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from . import rundir
-from .errors import TabTuneError
-from .evaluation.metrics import METRICS, objective_metric
+from .. import rundir
+from ..errors import TabTuneError
+from ..evaluation.metrics import METRICS, objective_metric
 
 # what the last sweep of this process ended with (SweepEnd, read by `tabtune train` for its exit status)
 LAST_SWEEP: dict = {}
@@ -126,7 +126,7 @@ class SweepEnd(Callback):
         for path, manifest in failed:  # the errors on stderr, as each job's own line was
             print(f"tabtune: {path.name}: {manifest.get('status')}: {manifest.get('error', '')}", file=sys.stderr)
         if (sweep_dir / "optimization_results.yaml").is_file():
-            from .evaluation.report import best_trial
+            from ..evaluation.report import best_trial
 
             found = best_trial(sweep_dir)
             if found is not None:

@@ -5,7 +5,7 @@ peft's ``Linear`` adds ``lora_B(lora_A(x)) * scaling`` to the frozen output in t
 (B's output, its scaled copy, the sum), and its ``ParamWrapper`` (LoRA on a packed parameter through
 ``target_parameters``, e.g. TabICL's ``in_proj_weight``) rebuilds ``W + scaling·B·A`` on every call and
 keeps it for backward, so backward computes a full-size gradient for that copy (base-ft's weight
-gradient, which peft then discards). Here both go through ``lora.lora_linear``: ``x·Wᵀ + b`` with
+gradient, which peft then discards). Here both go through ``low_rank.lora_linear``: ``x·Wᵀ + b`` with
 ``scaling·(x·Aᵀ)·Bᵀ`` added in place, and a backward that computes gradients for the factors and the
 input only; beyond what the frozen layer keeps, backward keeps the rank-r ``x·Aᵀ``.
 
@@ -22,13 +22,13 @@ import torch
 from peft.tuners.lora import Linear, ParamWrapper
 from torch import Tensor, nn
 
-from .lora import lora_linear
+from .low_rank import lora_linear
 
 PLAIN_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 class LowRankLinear(Linear):
-    """peft's LoRA ``Linear`` on a plain ``nn.Linear``, through :func:`lora.lora_linear` (see the module docstring)."""
+    """peft's LoRA ``Linear`` on a plain ``nn.Linear``, through :func:`low_rank.lora_linear` (see the module docstring)."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapters = [a for a in self.active_adapters if a in self.lora_A]

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from ..data.dataset import infer_task
-from ..data.split import split_frame, subsample
-from .metrics import HIGHER_IS_BETTER, METRICS as TASK_METRICS, compute_metrics
+from .data.dataset import infer_task
+from .data.split import split_frame, subsample
+from .evaluation.metrics import HIGHER_IS_BETTER, METRICS as TASK_METRICS, compute_metrics
 
 # baseline name -> the tasks it does
 BASELINES = {"logistic_regression": ("classification",), "ridge": ("regression",),
@@ -183,7 +183,7 @@ class TabularLeaderboard:
     @staticmethod
     def _score(spec, task: str, X_train, y_train, X_test, y_test, seed: int) -> dict:
         """Metrics and costs of one contender on one fold (the error, in one line, if it fails)."""
-        from ..pipeline import TabularPipeline
+        from .pipeline import TabularPipeline
 
         started = time.perf_counter()
         classification = task == "classification"

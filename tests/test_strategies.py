@@ -171,3 +171,17 @@ def test_a_strategy_yaml_composes_on_the_command_line():
                              capture_output=True, text=True, check=True).stdout
         assert f"name: {name}" in out, name
     assert (conf_dir() / "strategy").is_dir()
+
+
+def test_context_tuning_stays_finite_on_a_table_with_constant_and_repeated_columns():
+    """digits has all-zero pixel columns: the gradient of nano's PCA view through the context's SVD divided by
+    zero differences of singular values and the learned rows went NaN (linalg.svd failed at the next step).
+    The view's axes are fitted statistics now, with no gradient through them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits(as_frame=True)
+    X, y = digits.data.iloc[:600], digits.target.iloc[:600].astype(str)
+    assert (X.std() == 0).any()
+    pipe = TabularPipeline("nano", tuning_strategy="context", device="cpu", seed=SEED,
+                           tuning_params={"epochs": 1, "steps_per_epoch": 8, "show_progress": False}).fit(X, y)
+    assert pipe.train_result_.steps == 8 and np.isfinite(pipe.context_X_).all()

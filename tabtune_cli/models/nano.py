@@ -117,7 +117,12 @@ def quantile_view(X_context: Tensor, X_query: Tensor):
 
 def pca_axes(X_context: Tensor, limit: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, std, axes)``: the leading ``limit`` principal axes of the standardised context (per table of
-    the batch; axes with (numerically) no variance in any table are dropped)."""
+    the batch; axes with (numerically) no variance in any table are dropped).
+
+    They are statistics fitted on the context, as a preprocessor's are: no gradient flows through them (the
+    rows they map keep theirs). The SVD's own gradient divides by differences of singular values, which a
+    table with constant or repeated columns makes zero: learned context rows (strategy=context) went NaN."""
+    X_context = X_context.detach()
     mean = X_context.mean(dim=1, keepdim=True)
     std = X_context.std(dim=1, keepdim=True, unbiased=False)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))

@@ -14,6 +14,7 @@ from tabicl._model.tabicl import TabICL
 from tabtune_cli import TabTuneError
 from tabtune_cli.config import LoraSettings
 from tabtune_cli.models.registry import get_adapter
+from tabtune_cli.models.tabicl import TabICLAdapter
 from tabtune_cli.tuning import lora
 
 from conftest import SEED, TINY_MODEL, TUNE_PARAMS, fit_pipeline, make_table
@@ -235,15 +236,19 @@ def test_a_pretrained_start_is_replaced_only_by_weights_that_rank_as_well(monkey
     assert [h["val_roc_auc"] for h in r.history if "val_roc_auc" in h] == [0.8, 0.79, 0.81, 0.7]
 
 
-def test_on_record_streams_every_step_and_validation(split):
+def test_on_record_streams_every_step_and_validation(split, monkeypatch):
     X_train, y_train, _, _ = split
     records = []
     params = {**TUNE_PARAMS["base-ft"], "epochs": 2, "early_stopping_patience": None}
     pipe = fit_pipeline("base-ft", X_train, y_train, tuning_params=params)
     TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL,
                     device="cpu", seed=SEED).fit(X_train, y_train, on_record=records.append)
-    # streamed as training goes: a callback that stops the fit at the 5th record has seen exactly 5
-    seen = []
+    # streamed as training goes: a callback that stops the fit at the 5th record (step 4) stops it there,
+    # after 4 training forwards, not after all 14 (records handed over at the end would let it run on)
+    seen, forwards = [], []
+    episode_logits = TabICLAdapter.episode_logits
+    monkeypatch.setattr(TabICLAdapter, "episode_logits",
+                        lambda self, *a, **k: forwards.append(1) or episode_logits(self, *a, **k))
 
     def stop_at_five(record):
         seen.append(record)
@@ -253,7 +258,7 @@ def test_on_record_streams_every_step_and_validation(split):
     with pytest.raises(KeyboardInterrupt):
         TabularPipeline(tuning_strategy="base-ft", tuning_params=params, model_params=TINY_MODEL, device="cpu",
                         seed=SEED).fit(X_train, y_train, on_record=stop_at_five)
-    assert seen == records[:5]
+    assert seen == records[:5] and len(forwards) == 4
     steps = [h for h in records if "loss" in h]
     # steps_per_epoch 7: a validation after every 7th step
     assert [h["step"] for h in steps] == list(range(1, 15))

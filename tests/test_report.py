@@ -130,7 +130,27 @@ def test_parallel_jobs_have_their_own_run_directory_threads_and_peak_memory(jobl
     metrics = [json.loads((j / "metrics.json").read_text()) for j in jobs]
     assert [m["trainable_params"] for m in metrics] == sorted(m["trainable_params"] for m in metrics)
     peaks = [m["peak_memory_mb"] for m in metrics]
-    assert len(set(peaks)) > 1 and all(100 < p < 10_000 for p in peaks)  # each job's own, not one running peak
+    assert all(100 < p < 10_000 for p in peaks)  # each job's own: test_a_fit_reports_its_own_peak_memory below
+
+
+def test_a_fit_reports_its_own_peak_memory_not_an_earlier_jobs(split):
+    """A sweep runs its jobs one after another in one process (the basic launcher; each joblib worker too):
+    a job's peak must be its own, not the process's running peak. Here an earlier 'job' holds 600 MiB and
+    frees them; the fit after it reports a peak far below them (without fit's reset_peak it reports them)."""
+    import gc
+
+    import torch
+
+    from tabtune_cli import TabularPipeline
+    from tabtune_cli.memory import peak_mb
+
+    X_train, y_train, _, _ = split
+    spike = torch.ones(600 * 2**20 // 4)  # written, so resident
+    during = peak_mb(torch.device("cpu"))
+    del spike
+    gc.collect()
+    pipe = TabularPipeline("nano", model_params={"n_estimators": 1}, device="cpu").fit(X_train, y_train)
+    assert during > pipe.peak_memory_mb_ + 400, (during, pipe.peak_memory_mb_)
 
 
 def test_report_of_a_rank_sweep_plots_the_trade_off(joblib_sweep, capsys):

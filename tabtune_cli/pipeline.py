@@ -434,7 +434,7 @@ class TabularPipeline:
             module = adapter.from_architecture(meta["architecture"])
             state = read_safetensors(path / "model.safetensors")
             load_weights(module, state, path / "model.safetensors")
-            if not tuner.saves_trained_weights():
+            if not tuner.saves_trained_weights:
                 self._base_state_ = state  # not reproducible from a checkpoint: a later save writes it again
         else:
             check_same_checkpoint(adapter.checkpoint_file(model_config, task), meta.get("provenance", {}), path)

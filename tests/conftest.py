@@ -37,7 +37,7 @@ TUNE_PARAMS = {
              "early_stopping_metric": {}},
     "inference": {"show_progress": False},
     "context": {"epochs": 5, "steps_per_epoch": 7, "context_size": 64, "query_size": 32, "batch_size": 1,
-                "learning_rate": 3e-2, "scheduler": "constant", "warmup_steps": 0, "show_progress": False,
+                "learning_rate": 0.1, "scheduler": "constant", "warmup_steps": 0, "show_progress": False,
                 "early_stopping_metric": {}, "context_rows": 16},
 }
 

@@ -34,6 +34,7 @@ class Strategy:
     lora: ClassVar[bool] = False                  # trains LoRA adapters: reads the ``lora`` group, saves adapters
     changes_weights: ClassVar[bool] = True        # the model's weights differ from its checkpoint after a fit
     export_title: ClassVar[str] = "exported"      # what ``tabtune merge`` / ``export`` call the file it writes
+    saves_trained_weights: ClassVar[bool] = False  # model.safetensors holds trained weights, not the base
 
     def reads(self, config: StrategyConfig) -> set[str]:
         """The ``strategy.*`` keys this strategy acts on (every key of its schema, when it trains)."""
@@ -90,10 +91,6 @@ class Strategy:
         if has_adapters:
             return module.state_dict()
         return base_state
-
-    def saves_trained_weights(self) -> bool:
-        """Whether ``model.safetensors`` holds trained weights, not the base a later save must keep."""
-        return False
 
     def save_extra(self, module: nn.Module, folder: Path) -> None:
         """Files of its own beside ``model.safetensors`` (peft: the adapters)."""

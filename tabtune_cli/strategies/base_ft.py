@@ -8,6 +8,7 @@ from .base import Strategy
 class BaseFT(Strategy):
     name = "base-ft"
     description = "every weight"
+    saves_trained_weights = True
 
     def prepare(self, adapter, module, learnable, lora_settings, has_adapters):
         # what the model itself trains: a parameter built frozen (TabICL's fixed rotary frequencies) stays frozen
@@ -18,5 +19,3 @@ class BaseFT(Strategy):
     def weights_to_save(self, module, base_state, has_adapters):
         return module.state_dict()
 
-    def saves_trained_weights(self):
-        return True

@@ -13,7 +13,7 @@ class Peft(Strategy):
     export_title = "merged"
 
     def ignored(self, given, model, config):
-        warnings = [w for w in super().ignored(given, model, config)]
+        warnings = super().ignored(given, model, config)
         idle = sorted(k for k in given if k.startswith("lora."))
         if idle and model.adapters:
             warnings.append(f"{listed(idle)} ignored: model.adapters={model.adapters} brings its adapters with the "

@@ -103,7 +103,7 @@ class TabularPipeline:
         strategy = from_dict(tuner.config_class, {**group_defaults("strategy", tuner.name),
                                                   **recipe_defaults(adapter.name, tuner.name), **tuning,
                                                   "name": tuner.name}, "tuning_params")
-        check_strategy(strategy)
+        check_strategy(strategy, adapter)
         model_params = {k: v for k, v in (self.model_params or {}).items() if k != "name"}
         model_config = from_dict(adapter.config_class, {**group_defaults("model", adapter.name), **model_params,
                                                         "name": adapter.name}, "model_params")

@@ -185,3 +185,11 @@ def test_context_tuning_stays_finite_on_a_table_with_constant_and_repeated_colum
     pipe = TabularPipeline("nano", tuning_strategy="context", device="cpu", seed=SEED,
                            tuning_params={"epochs": 1, "steps_per_epoch": 8, "show_progress": False}).fit(X, y)
     assert pipe.train_result_.steps == 8 and np.isfinite(pipe.context_X_).all()
+
+
+def test_the_command_line_refuses_context_tuning_of_such_a_model_before_a_run_directory(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tabtune_cli", "train", "debug=smoke", "model=tabicl",
+                             "strategy=context"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("tabtune: error: strategy=context: TabICL's episodes reach the context rows")
+    assert not list(tmp_path.rglob("run.json"))

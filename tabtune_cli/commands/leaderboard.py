@@ -137,7 +137,7 @@ def check_entry(label: str, entry, values: dict) -> dict | str:
         strategy = from_dict(tuner.config_class, {**group_defaults("strategy", tuner.name),
                                                   "show_progress": False, **part["strategy"],
                                                   "name": tuner.name}, "strategy")
-        check_strategy(strategy)
+        check_strategy(strategy, spec)
         model = from_dict(spec.config_class, {**group_defaults("model", spec.name), **part["model"],
                                               "name": spec.name}, "model")
         lora = from_dict(LoraSettings, {**group_defaults("lora", "default"), **part["lora"]}, "lora")

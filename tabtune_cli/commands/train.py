@@ -39,7 +39,7 @@ def plain_configs(cfg: DictConfig, given: frozenset[str] | set[str] = frozenset(
     spec = get_spec(values["model"]["name"])
     model = from_dict(spec.config_class, values["model"], "model")
     strategy = from_dict(get_strategy(values["strategy"]["name"]).config_class, values["strategy"], "strategy")
-    check_strategy(strategy)
+    check_strategy(strategy, spec)
     lora = from_dict(LoraSettings, values["lora"], "lora")
     for warning in check_combination(model, strategy, lora, set(given)):
         log.warning(warning, extra={"config_warning": True})

@@ -51,6 +51,9 @@ class ModelSpec:
     # True where the model's own predict handles more classes than its head (TabICL's hierarchy);
     # otherwise tabtune's generic hierarchy (predict_classes) does
     native_many_classes: ClassVar[bool] = False
+    # whether the adapter's episodes carry gradients to the context rows' features (strategy=context learns
+    # them); a model whose package preprocesses each member's rows in numpy has none
+    context_gradients: ClassVar[bool] = False
     sizes: ClassVar[dict[str, dict]] = {}      # named random-weight sizes
     limits: ClassVar[str] = ""                  # what the model takes, in words (`tabtune ls`)
     repo_id: ClassVar[str | None] = None       # the official weights on the Hugging Face Hub
@@ -90,10 +93,6 @@ class ModelSpec:
 
 class ModelAdapter(ModelSpec):
     """One model family. Subclasses fill in the architecture; the rest of tabtune knows only this."""
-
-    # whether episode_logits carries gradients to the context rows' features (strategy=context learns them);
-    # a model whose package preprocesses each member's rows in numpy has none
-    context_gradients: ClassVar[bool] = False
 
     # -- building ----------------------------------------------------------------------------
     def build(self, config: ModelConfig, task: Task) -> tuple[nn.Module, dict]:

@@ -345,8 +345,6 @@ def _network(module) -> NanoICL:
 
 
 class NanoAdapter(NanoSpec, ModelAdapter):
-    context_gradients = True  # episodes are pure torch from the matrix on (strategy=context)
-
     def __init__(self):
         self.context_cache = ContextCache(size=1)  # the encoded context of the last predict
         self.cache_context = True  # False: every predict encodes its context anew

@@ -24,14 +24,17 @@ def get_strategy(name) -> Strategy:
     return strategy
 
 
-def check_strategy(config) -> Strategy:
-    """The strategy ``config`` names, its keys' values checked (one line naming the key at fault)."""
+def check_strategy(config, model=None) -> Strategy:
+    """The strategy ``config`` names, its keys' values checked (one line naming the key at fault), and the
+    model (its spec) it is to tune, when given, checked to be one it can."""
     from ..config import check_strategy_values
 
     strategy = get_strategy(config.name)
     config.name = strategy.name
     check_strategy_values(config)
     strategy.check(config)
+    if model is not None:
+        strategy.check_model(model)
     return strategy
 
 

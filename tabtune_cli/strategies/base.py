@@ -54,6 +54,9 @@ class Strategy:
     def check(self, config: StrategyConfig) -> None:
         """Refuse values of this strategy's own keys that cannot work (one line naming the key)."""
 
+    def check_model(self, spec) -> None:
+        """Refuse a model (its ``ModelSpec``: no torch) this strategy cannot tune, in one line."""
+
     # -- the module ------------------------------------------------------------------------------------
     def take_adapters(self, module: nn.Module, source: Path) -> nn.Module:
         """``model.adapters``: another run's LoRA adapters over ``module``; folded in, the weights stay plain."""

@@ -8,7 +8,7 @@ a model's own label encoder decides how a label is read, and TabPFN reads a clas
 label cannot pass through every model's forward); their features move. At prediction they ``replace`` the
 real context (the cost of a prediction no longer grows with the table: the saved context is these rows) or
 ``join`` it. A model whose episodes reach the context only through its package's own numpy preprocessing has
-no gradient there, and says so in one line (``ModelAdapter.context_gradients``).
+no gradient there, and says so in one line before anything runs (``ModelSpec.context_gradients``).
 """
 
 from __future__ import annotations
@@ -81,11 +81,13 @@ class Context(Strategy):
         if config.context_mode not in MODES:
             raise TabTuneError(f"strategy.context_mode: {config.context_mode!r} is not one of: {', '.join(MODES)}")
 
-    def learned_context(self, adapter, task, config, X: np.ndarray, y: np.ndarray, seed: int, device):
-        if not adapter.context_gradients:
-            raise TabTuneError(f"strategy=context: {adapter.title}'s episodes reach the context rows only through "
+    def check_model(self, spec):
+        if not spec.context_gradients:
+            raise TabTuneError(f"strategy=context: {spec.title}'s episodes reach the context rows only through "
                                f"its package's own preprocessing, which carries no gradient; this model cannot "
                                f"learn context rows (strategy=peft or base-ft can tune it)")
+
+    def learned_context(self, adapter, task, config, X: np.ndarray, y: np.ndarray, seed: int, device):
         rng = np.random.default_rng([seed, 7])
         if task.is_classification:
             if adapter.max_classes and task.n_classes > adapter.max_classes:

@@ -55,6 +55,7 @@ class NanoSpec(ModelSpec):
     config_class = NanoConfig
     tasks = ("classification",)
     max_classes = 10
+    context_gradients = True  # its episodes are torch from the matrix on (strategy=context)
     limits = "10 classes a head (more: class hierarchy); wider than max_input_features: the most separating columns"
     sizes = {"tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
              "small": dict(d_model=128, n_layers=6, n_heads=4, d_ff=256)}

@@ -39,7 +39,7 @@ class ContextConfig(StrategyConfig):
 
 class LearnedContext:
     """The learned rows: ``X`` (a parameter) and their labels ``y``; ``mode`` says how they meet an episode's
-    real context. The trainer reads it through ``parameters()``, ``episode()`` and ``split()``."""
+    real context. The trainer reads it through ``named_parameters()``, ``episode()`` and ``rows()``."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, mode: str, device):
         import torch
@@ -51,7 +51,7 @@ class LearnedContext:
     def named_parameters(self):
         return [("context.X", self.X)]
 
-    def episode(self, Xc: "torch.Tensor", yc: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def episode(self, Xc: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch's context (B, rows, features) with the learned rows in place of, or beside, the real rows."""
         import torch
 
@@ -118,6 +118,3 @@ def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         share[k] += min(counts[k] - share[k], n - share.sum())
     picked = [rng.choice(np.flatnonzero(y == c), size=s, replace=False) for c, s in zip(classes, share)]
     return np.sort(np.concatenate(picked))
-
-
-

@@ -47,7 +47,7 @@ SETTINGS = {
     "dataset.drop_columns": values([[], ["a"], ["b", "c"]], [["label"], ["nope"], ["a", "b", "c"]]),
     "dataset.text_columns": values([None, [], ["c"]], [["label"], ["nope"]]),
     "dataset.path": values(["table.csv"], ["missing.csv", ".", "table.txt"]),
-    "strategy": values(["inference", "base-ft", "peft"], []),
+    "strategy": values(["inference", "base-ft", "peft", "context"], []),
     "strategy.batch_size": values([1, 2, 3], [0, -1]),
     "strategy.context_size": values([2, 16, 10**5], [0, -1]),
     "strategy.query_size": values([1, 8, 10**5], [0, -1]),
